@@ -1,0 +1,156 @@
+"""Dynamic batching: items of concurrent requests are coalesced into model batches.
+
+Each modality (images, texts, prompts) has a `DynamicBatcher`. Requests put their items in
+a bounded queue and await one future; a collector task takes up to `max_items` items,
+waiting at most `max_wait_s` after the first one for more, and runs the model on a single
+worker thread (off the event loop, one batch at a time: torch already uses every core for
+one batch). Items of one request may be split across batches; the answer keeps their order.
+A full queue is refused at once (`Overloaded`) instead of growing memory without bound.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+from typing import Generic, TypeVar
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+class Overloaded(Exception):
+    """The queue cannot take the request now; retry after a short wait."""
+
+    def __init__(self, modality: str, queued: int, limit: int) -> None:
+        super().__init__(f"{modality} queue is full ({queued} items queued, limit {limit})")
+        self.modality = modality
+
+
+@dataclass
+class _Pending:
+    """One request's share of the queue: rows are filled in as batches finish."""
+
+    future: asyncio.Future[torch.Tensor]
+    rows: list[torch.Tensor | None]
+    remaining: int
+
+    def fill(self, index: int, row: torch.Tensor) -> None:
+        self.rows[index] = row
+        self.remaining -= 1
+        if self.remaining == 0 and not self.future.done():
+            self.future.set_result(torch.stack([r for r in self.rows if r is not None]))
+
+    def fail(self, exc: BaseException) -> None:
+        if not self.future.done():
+            self.future.set_exception(exc)
+
+
+@dataclass
+class BatchObserver:
+    """Hooks for metrics; no-ops by default."""
+
+    on_batch: Callable[[str, int, float], None] = lambda modality, size, seconds: None
+    on_queue_depth: Callable[[str, int], None] = lambda modality, depth: None
+
+
+@dataclass
+class DynamicBatcher(Generic[T]):
+    modality: str
+    run_batch: Callable[[list[T]], torch.Tensor]
+    executor: Executor
+    max_items: int = 64
+    max_wait_s: float = 0.005
+    queue_limit: int = 16384
+    observer: BatchObserver = field(default_factory=BatchObserver)
+
+    def __post_init__(self) -> None:
+        self._queue: deque[tuple[_Pending, int, T]] = deque()
+        self._wakeup = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._closed = False
+
+    @property
+    def depth(self) -> int:
+        return len(self._queue)
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(
+                self._collect(), name=f"batcher-{self.modality}"
+            )
+
+    async def stop(self) -> None:
+        self._closed = True
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+        while self._queue:
+            pending, _, _ = self._queue.popleft()
+            pending.fail(RuntimeError("server shutting down"))
+
+    async def submit(self, items: Sequence[T]) -> torch.Tensor:
+        """Encode `items`; returns a [len(items), D] tensor in the same order."""
+        if not items:
+            raise ValueError("nothing to encode")
+        if self._closed:
+            raise RuntimeError("server shutting down")
+        if len(self._queue) + len(items) > self.queue_limit:
+            raise Overloaded(self.modality, len(self._queue), self.queue_limit)
+        pending = _Pending(asyncio.get_running_loop().create_future(), [None] * len(items), len(items))
+        self._queue.extend((pending, i, item) for i, item in enumerate(items))
+        self.observer.on_queue_depth(self.modality, len(self._queue))
+        self._wakeup.set()
+        try:
+            return await pending.future
+        finally:
+            if not pending.future.done():
+                # The caller went away: drop its queued items so the model does not run them.
+                self._queue = deque(entry for entry in self._queue if entry[0] is not pending)
+
+    async def _collect(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            if not self._queue:
+                self._wakeup.clear()
+                await self._wakeup.wait()
+                continue
+            await self._wait_for_fill()
+            batch = [self._queue.popleft() for _ in range(min(self.max_items, len(self._queue)))]
+            self.observer.on_queue_depth(self.modality, len(self._queue))
+            started = time.perf_counter()
+            try:
+                out = await loop.run_in_executor(
+                    self.executor, self.run_batch, [item for _, _, item in batch]
+                )
+            except Exception as exc:  # the model failed: fail exactly the requests in this batch
+                logger.exception("%s batch of %d failed", self.modality, len(batch))
+                for pending, _, _ in batch:
+                    pending.fail(exc)
+                continue
+            self.observer.on_batch(self.modality, len(batch), time.perf_counter() - started)
+            for row, (pending, index, _) in zip(out, batch, strict=True):
+                pending.fill(index, row)
+
+    async def _wait_for_fill(self) -> None:
+        """Give concurrent requests up to max_wait_s to join a batch that is not yet full."""
+        deadline = time.perf_counter() + self.max_wait_s
+        while len(self._queue) < self.max_items:
+            left = deadline - time.perf_counter()
+            if left <= 0:
+                return
+            self._wakeup.clear()
+            try:
+                await asyncio.wait_for(self._wakeup.wait(), timeout=left)
+            except TimeoutError:
+                return

@@ -1,0 +1,226 @@
+"""Authentication and the charge-around-the-work gate every /v1 model route goes through.
+
+Order of a charged request (bad input was already rejected, for free, by the route):
+scope -> idempotent replay -> rate limit -> reserve the items (one atomic conditional
+update) -> run the model -> settle. Anything that fails on the server side after the
+reservation refunds it, so every item charged belongs to a request that was answered.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+from fastapi import Request, Response
+from pydantic import BaseModel
+from starlette.concurrency import run_in_threadpool
+
+from server.batching import Overloaded
+from server.errors import ApiError
+from server.ratelimit import RateDecision, rate_limit_headers, retry_after_headers
+from server.state import ServiceState, get_state
+from server.store.base import ApiKey, QuotaExceeded, Store, StoreUnavailable
+from shared.errors import ErrorCode
+
+logger = logging.getLogger(__name__)
+
+IDEMPOTENCY_HEADER = "idempotency-key"
+REPLAY_HEADER = "x-idempotent-replayed"
+_MAX_IDEMPOTENCY_KEY = 255
+
+
+@dataclass(frozen=True)
+class Caller:
+    """Who is calling: an API key, or nobody when the server runs with auth off."""
+
+    key: ApiKey | None
+
+
+def _store(state: ServiceState) -> Store:
+    if state.store is None:
+        raise ApiError(503, ErrorCode.store_unavailable, "the accounting store is not open")
+    return state.store
+
+
+async def _store_call(state: ServiceState, fn: Callable[..., object], *args: object) -> object:
+    try:
+        return await run_in_threadpool(fn, *args)
+    except StoreUnavailable as exc:
+        logger.error("store unavailable: %s", exc)
+        raise ApiError(
+            503,
+            ErrorCode.store_unavailable,
+            "the accounting database is unavailable; nothing was charged, retry later",
+            headers={"Retry-After": "2"},
+        ) from exc
+
+
+async def require_caller(request: Request) -> Caller:
+    """FastAPI dependency: a valid `Authorization: Bearer <key>` (unless auth is off)."""
+    state = get_state(request)
+    if not state.settings.auth:
+        return Caller(key=None)
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise ApiError(401, ErrorCode.invalid_api_key, "missing API key: send 'Authorization: Bearer <key>'")
+    key = await _store_call(state, _store(state).authenticate, token.strip())
+    if key is None:
+        raise ApiError(401, ErrorCode.invalid_api_key, "invalid or revoked API key")
+    assert isinstance(key, ApiKey)
+    return Caller(key=key)
+
+
+def body_fingerprint(endpoint: str, body: BaseModel) -> str:
+    return hashlib.sha256(f"{endpoint}\n{body.model_dump_json()}".encode()).hexdigest()
+
+
+def _json_response(payload: BaseModel, headers: dict[str, str]) -> Response:
+    return Response(payload.model_dump_json(), media_type="application/json", headers=headers)
+
+
+@dataclass
+class Charge:
+    """One billed call: who, where, how many items, and the work that answers it."""
+
+    endpoint: str
+    scope: str
+    items: int
+    body: BaseModel
+    produce: Callable[[], Awaitable[BaseModel]]
+
+
+async def billed(request: Request, caller: Caller, charge: Charge) -> Response:
+    state = get_state(request)
+    request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
+    base_headers = {"x-request-id": request_id}
+    key = caller.key
+    if key is None:  # auth off: no accounting at all
+        return _json_response(await _produce(state, charge), base_headers)
+    if charge.scope not in key.scopes:
+        raise ApiError(403, ErrorCode.permission_denied, f"this key lacks the {charge.scope!r} scope")
+
+    idem_key = request.headers.get(IDEMPOTENCY_HEADER)
+    if idem_key is not None:
+        replay = await _begin_idempotent(state, key, idem_key, body_fingerprint(charge.endpoint, charge.body))
+        if replay is not None:
+            return replay
+    try:
+        response = await _charged(state, key, charge, request_id, base_headers)
+    except BaseException:
+        if idem_key is not None:
+            await _quietly(state, _store(state).abandon_idempotent, key.id, idem_key)
+        raise
+    if idem_key is not None:
+        headers = {k: v for k, v in response.headers.items() if k.startswith(("x-", "content-type"))}
+        await _quietly(
+            state,
+            _store(state).finish_idempotent,
+            key.id,
+            idem_key,
+            response.status_code,
+            bytes(response.body),
+            headers,
+        )
+    return response
+
+
+async def _begin_idempotent(
+    state: ServiceState, key: ApiKey, idem_key: str, fingerprint: str
+) -> Response | None:
+    if not idem_key or len(idem_key) > _MAX_IDEMPOTENCY_KEY:
+        raise ApiError(
+            400,
+            ErrorCode.invalid_request,
+            "Idempotency-Key must be 1-255 characters",
+            param="Idempotency-Key",
+        )
+    record = await _store_call(
+        state, _store(state).begin_idempotent, key.id, idem_key, fingerprint, state.settings.idempotency_ttl_s
+    )
+    if record is None:
+        return None
+    if record.body_hash != fingerprint:  # type: ignore[attr-defined]
+        raise ApiError(
+            409,
+            ErrorCode.idempotency_conflict,
+            "this Idempotency-Key was used with a different request body",
+            param="Idempotency-Key",
+            headers={"x-should-retry": "false"},
+        )
+    if record.status is None:  # type: ignore[attr-defined]
+        raise ApiError(
+            409,
+            ErrorCode.idempotency_conflict,
+            "a request with this Idempotency-Key is still in progress; retry shortly",
+            param="Idempotency-Key",
+            headers={"Retry-After": "1"},
+        )
+    headers = dict(record.headers)  # type: ignore[attr-defined]
+    headers[REPLAY_HEADER] = "true"
+    return Response(record.body, status_code=record.status, headers=headers)  # type: ignore[attr-defined]
+
+
+async def _charged(
+    state: ServiceState, key: ApiKey, charge: Charge, request_id: str, headers: dict[str, str]
+) -> Response:
+    decision = state.limiter.check_and_consume(key.id, key.rpm, key.ipm, charge.items)
+    if not decision.allowed:
+        raise _rate_limited(decision, key)
+    store = _store(state)
+    try:
+        await _store_call(state, store.reserve, key.id, charge.items, request_id, charge.endpoint)
+    except QuotaExceeded as exc:
+        state.limiter.refund(key.id, charge.items)
+        raise ApiError(
+            429,
+            ErrorCode.insufficient_quota,
+            f"budget exhausted: this request needs {charge.items} items, {exc.remaining_items} remain",
+            headers={"x-should-retry": "false", "x-budget-remaining-items": str(exc.remaining_items or 0)},
+        ) from exc
+    except BaseException:
+        state.limiter.refund(key.id, charge.items)
+        raise
+    try:
+        payload = await _produce(state, charge)
+    except BaseException as exc:
+        status = exc.status if isinstance(exc, ApiError) else 500
+        await _quietly(state, store.refund, request_id, status)
+        state.limiter.refund(key.id, charge.items)
+        raise
+    state.metrics.items_charged.inc(charge.items)
+    await _quietly(state, store.settle, request_id, 200)
+    remaining = (
+        None if key.budget_items is None else max(key.budget_items - key.spent_items - charge.items, 0)
+    )
+    return _json_response(payload, {**headers, **rate_limit_headers(decision, remaining)})
+
+
+async def _produce(state: ServiceState, charge: Charge) -> BaseModel:
+    try:
+        return await charge.produce()
+    except Overloaded as exc:
+        state.metrics.overloaded.inc()
+        raise ApiError(
+            503,
+            ErrorCode.overloaded,
+            f"server overloaded: {exc}; retry shortly",
+            headers={"Retry-After": "1"},
+        ) from exc
+
+
+def _rate_limited(decision: RateDecision, key: ApiKey) -> ApiError:
+    headers = {**rate_limit_headers(decision, key.remaining_items), **retry_after_headers(decision)}
+    return ApiError(
+        429, ErrorCode.rate_limit_exceeded, decision.reason or "rate limit exceeded", headers=headers
+    )
+
+
+async def _quietly(state: ServiceState, fn: Callable[..., object], *args: object) -> None:
+    """Best-effort bookkeeping after the fact: log, never turn an answer into an error."""
+    try:
+        await run_in_threadpool(fn, *args)
+    except Exception:
+        logger.exception("store bookkeeping failed (%s)", getattr(fn, "__name__", fn))

@@ -1,0 +1,105 @@
+"""`cbbt-server`: serve the model (`serve`), administer keys (`keys ...`), list models (`models`).
+
+Flags override `CBBT_*` environment variables, which override the defaults in ServerSettings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from server.cli_keys import add_keys_parser, run_keys_command
+from server.settings import ServerSettings
+
+# Flags of `serve`: (flag, settings field, type, help).
+_SERVE_FLAGS: tuple[tuple[str, str, Any, str], ...] = (
+    ("--host", "host", str, "bind address (default 127.0.0.1: loopback only)"),
+    ("--port", "port", int, "port (default 8000)"),
+    (
+        "--model",
+        "model",
+        str,
+        "devise-effnet-minilm (default, real weights, offline) or an open_clip architecture",
+    ),
+    ("--pretrained", "pretrained", str, "open_clip weights: a local checkpoint path, a hub tag, or 'none'"),
+    ("--model-config-dir", "model_config_dir", str, "folder of extra open_clip model configs (JSON)"),
+    ("--db", "db", str, "SQLite database of keys, budgets and the usage ledger"),
+    ("--threads", "threads", int, "torch threads"),
+    ("--max-items-per-request", "max_items_per_request", int, "items one request may carry"),
+    ("--max-body-bytes", "max_body_bytes", int, "largest request body"),
+    ("--batch-max-items", "batch_max_items", int, "largest model batch"),
+    ("--batch-max-wait-ms", "batch_max_wait_ms", float, "how long a batch waits to fill"),
+    ("--queue-max-items", "queue_max_items", int, "items queued per modality before 503 overloaded"),
+    ("--latency-ms", "latency_ms", float, "simulation: mean injected latency per /v1 request"),
+    ("--latency-jitter-ms", "latency_jitter_ms", float, "simulation: +- uniform jitter on the latency"),
+    ("--failure-rate", "failure_rate", float, "simulation: fraction of /v1 requests answered 500/503"),
+    ("--drop-rate", "drop_rate", float, "simulation: fraction of /v1 requests whose connection is cut"),
+    ("--fault-seed", "fault_seed", int, "simulation: seed of the fault injector"),
+    ("--log-level", "log_level", str, "logging level"),
+)
+
+
+def _add_serve_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    serve = subparsers.add_parser("serve", help="serve the model over HTTP")
+    for flag, field, kind, help_text in _SERVE_FLAGS:
+        serve.add_argument(flag, dest=field, type=kind, default=None, help=help_text)
+    serve.add_argument(
+        "--no-auth", dest="auth", action="store_false", default=None, help="open access, no budgets"
+    )
+    subparsers.add_parser("models", help="list the model names this server can load")
+
+
+def settings_from_args(args: argparse.Namespace) -> ServerSettings:
+    overrides = {
+        field: getattr(args, field) for _, field, _, _ in _SERVE_FLAGS if getattr(args, field) is not None
+    }
+    if args.auth is not None:
+        overrides["auth"] = args.auth
+    return ServerSettings(**overrides)
+
+
+def serve(settings: ServerSettings) -> int:
+    import uvicorn
+
+    from server.app import create_app
+
+    logging.basicConfig(
+        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if settings.host not in ("127.0.0.1", "::1", "localhost"):
+        logging.getLogger(__name__).warning(
+            "binding %s: the API is reachable from other machines", settings.host
+        )
+    uvicorn.run(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level.lower(),
+        timeout_graceful_shutdown=5,
+    )
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="cbbt-server", description=__doc__)
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    _add_serve_parser(subparsers)
+    add_keys_parser(subparsers)
+    args = parser.parse_args(argv)
+    if args.command == "serve":
+        return serve(settings_from_args(args))
+    if args.command == "models":
+        from server.backends.registry import list_models
+
+        print("\n".join(list_models()))
+        return 0
+    return run_keys_command(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

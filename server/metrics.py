@@ -1,0 +1,51 @@
+"""Prometheus metrics, one registry per app (so tests can build many apps in one process)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from server.batching import BatchObserver
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+
+
+@dataclass
+class Metrics:
+    registry: CollectorRegistry = field(default_factory=CollectorRegistry)
+
+    def __post_init__(self) -> None:
+        r = self.registry
+        self.requests = Counter("cbbt_requests", "HTTP requests answered", ["route", "status"], registry=r)
+        self.latency = Histogram(
+            "cbbt_request_latency_seconds", "request latency", ["route"], buckets=_LATENCY_BUCKETS, registry=r
+        )
+        self.items = Counter("cbbt_items_encoded", "items encoded by the model", ["modality"], registry=r)
+        self.items_charged = Counter("cbbt_items_charged", "items charged to API keys", registry=r)
+        self.batch_size = Histogram(
+            "cbbt_batch_size", "items per model batch", ["modality"], buckets=_BATCH_BUCKETS, registry=r
+        )
+        self.batch_seconds = Histogram(
+            "cbbt_batch_seconds", "model time per batch", ["modality"], buckets=_LATENCY_BUCKETS, registry=r
+        )
+        self.queue_depth = Gauge("cbbt_queue_depth", "items waiting for the model", ["modality"], registry=r)
+        self.overloaded = Counter("cbbt_overloaded", "requests refused because a queue was full", registry=r)
+        self.injected_failures = Counter(
+            "cbbt_injected_failures", "failures injected on purpose", ["kind"], registry=r
+        )
+
+    def batch_observer(self) -> BatchObserver:
+        def on_batch(modality: str, size: int, seconds: float) -> None:
+            self.batch_size.labels(modality).observe(size)
+            self.batch_seconds.labels(modality).observe(seconds)
+            self.items.labels(modality).inc(size)
+
+        def on_queue_depth(modality: str, depth: int) -> None:
+            self.queue_depth.labels(modality).set(depth)
+
+        return BatchObserver(on_batch=on_batch, on_queue_depth=on_queue_depth)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

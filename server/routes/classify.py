@@ -1,0 +1,74 @@
+"""POST /v1/classify: the prediction-only tier (images + class prompts -> logits, probabilities)."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import torch
+from fastapi import APIRouter, Depends, Request, Response
+from starlette.concurrency import run_in_threadpool
+
+from server.backends.base import PromptItem
+from server.billing import Caller, Charge, billed, require_caller
+from server.errors import ApiError
+from server.routes.embeddings import decode_and_preprocess, image_limits
+from server.state import ready_state
+from server.validation import check_item_count, check_model, check_prompts_fit, check_texts, decode_context
+from shared.errors import ErrorCode
+from shared.schemas import ClassifyRequest, ClassifyResponse, Usage
+
+router = APIRouter(tags=["classify"])
+
+
+@router.post("/v1/classify", response_model=ClassifyResponse)
+async def classify(
+    body: ClassifyRequest, request: Request, caller: Annotated[Caller, Depends(require_caller)]
+) -> Response:
+    state, backend, batchers = ready_state(request)
+    check_model(body.model, backend)
+    settings = state.settings
+    if (body.texts is None) == (body.context is None):
+        raise ApiError(
+            400, ErrorCode.invalid_request, "give exactly one of `texts` or `context` (+ `class_names`)"
+        )
+    if body.texts is not None:
+        check_texts(body.texts, settings.max_text_chars, param="texts")
+        n_classes = len(body.texts)
+    else:
+        if not body.class_names:
+            raise ApiError(
+                400, ErrorCode.invalid_request, "`context` needs `class_names`", param="class_names"
+            )
+        check_texts(body.class_names, settings.max_class_name_chars, param="class_names")
+        n_classes = len(body.class_names)
+    if n_classes < 1:
+        raise ApiError(400, ErrorCode.invalid_request, "at least one class is needed", param="texts")
+    n_items = len(body.images) + n_classes
+    check_item_count(n_items, settings, param="images")
+    prompts: list[PromptItem] = []
+    if body.context is not None and body.class_names:
+        ctx = decode_context(body.context, backend, param="context")
+        check_prompts_fit([ctx], body.class_names, backend)
+        prompts = [PromptItem(ctx, name) for name in body.class_names]
+    pixels = await run_in_threadpool(
+        decode_and_preprocess, body.images, backend, image_limits(settings), "images"
+    )
+    usage = Usage(items=n_items, images=len(body.images), texts=n_classes)
+
+    async def produce() -> ClassifyResponse:
+        image_features = await batchers.images.submit(pixels)
+        if body.texts is not None:
+            text_features = await batchers.texts.submit(body.texts)
+        else:
+            text_features = await batchers.prompts.submit(prompts)
+        logits = backend.card.logit_scale * image_features @ text_features.T
+        probabilities = torch.softmax(logits, dim=-1)
+        return ClassifyResponse(
+            model=backend.card.id,
+            logits=logits.tolist(),
+            probabilities=probabilities.tolist(),
+            predictions=logits.argmax(dim=-1).tolist(),
+            usage=usage,
+        )
+
+    return await billed(request, caller, Charge("classify", "classify", n_items, body, produce))

@@ -1,0 +1,79 @@
+"""POST /v1/embeddings: OpenAI-compatible text embeddings; images as data URIs with modality=image."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import torch
+from fastapi import APIRouter, Depends, Request, Response
+from starlette.concurrency import run_in_threadpool
+
+from server.backends.base import Backend
+from server.billing import Caller, Charge, billed, require_caller
+from server.images import ImageLimits, decode_image
+from server.settings import ServerSettings
+from server.state import ready_state
+from server.validation import check_item_count, check_model, check_texts
+from shared.arrays import encode_array
+from shared.schemas import EmbeddingData, EmbeddingRequest, EmbeddingResponse, Usage
+
+router = APIRouter(tags=["embeddings"])
+
+
+def image_limits(settings: ServerSettings) -> ImageLimits:
+    return ImageLimits(max_bytes=settings.max_image_bytes, max_pixels=settings.max_image_pixels)
+
+
+def decode_and_preprocess(
+    payloads: list[str], backend: Backend, limits: ImageLimits, param: str
+) -> list[torch.Tensor]:
+    """Decode every image first (all-or-nothing), then preprocess; runs in a worker thread."""
+    images = [decode_image(p, limits, param=f"{param}[{i}]") for i, p in enumerate(payloads)]
+    return [backend.preprocess(image) for image in images]
+
+
+def _rows(features: torch.Tensor, encoding_format: str) -> list[list[float] | str]:
+    if encoding_format == "base64":
+        return [encode_array(row.numpy()) for row in features]
+    return [row.tolist() for row in features]
+
+
+@router.post("/v1/embeddings", response_model=EmbeddingResponse)
+async def create_embeddings(
+    body: EmbeddingRequest, request: Request, caller: Annotated[Caller, Depends(require_caller)]
+) -> Response:
+    state, backend, batchers = ready_state(request)
+    check_model(body.model, backend)
+    inputs = [body.input] if isinstance(body.input, str) else list(body.input)
+    if not inputs:
+        from server.errors import ApiError
+        from shared.errors import ErrorCode
+
+        raise ApiError(400, ErrorCode.invalid_request, "input is empty", param="input")
+    check_item_count(len(inputs), state.settings, param="input")
+
+    if body.modality == "image":
+        pixels = await run_in_threadpool(
+            decode_and_preprocess, inputs, backend, image_limits(state.settings), "input"
+        )
+        usage = Usage(items=len(inputs), images=len(inputs))
+
+        async def encode() -> torch.Tensor:
+            return await batchers.images.submit(pixels)
+    else:
+        check_texts(inputs, state.settings.max_text_chars, param="input")
+        tokens = sum(len(t.split()) for t in inputs)
+        usage = Usage(items=len(inputs), texts=len(inputs), prompt_tokens=tokens, total_tokens=tokens)
+
+        async def encode() -> torch.Tensor:
+            return await batchers.texts.submit(inputs)
+
+    async def produce() -> EmbeddingResponse:
+        features = await encode()
+        data = [
+            EmbeddingData(index=i, embedding=row)
+            for i, row in enumerate(_rows(features, body.encoding_format))
+        ]
+        return EmbeddingResponse(data=data, model=backend.card.id, usage=usage)
+
+    return await billed(request, caller, Charge("embeddings", "embed", usage.items, body, produce))

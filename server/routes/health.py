@@ -1,0 +1,32 @@
+"""Liveness, readiness and Prometheus metrics (no auth: they reveal nothing about keys)."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request, Response
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from server.errors import error_response
+from server.state import get_state
+from shared.errors import ErrorCode
+
+router = APIRouter(tags=["health"])
+
+
+@router.get("/health")
+async def health() -> dict[str, str]:
+    return {"status": "ok"}
+
+
+@router.get("/ready", response_model=None)
+async def ready(request: Request) -> Response | dict[str, str]:
+    state = get_state(request)
+    if not state.ready:
+        message = state.load_error or "model loading"
+        return error_response(503, ErrorCode.model_not_ready, message, headers={"Retry-After": "2"})
+    assert state.backend is not None
+    return {"status": "ready", "model": state.backend.card.id}
+
+
+@router.get("/metrics")
+async def metrics(request: Request) -> Response:
+    return Response(get_state(request).metrics.render(), media_type=CONTENT_TYPE_LATEST)

@@ -1,0 +1,71 @@
+"""The soft-prompt interface CBBT needs.
+
+POST /v1/prompt-embeddings: P soft prompts x C class names -> P*C text features, in one call.
+POST /v1/token-embeddings: the input vectors of a short text (to initialise soft prompts).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import torch
+from fastapi import APIRouter, Depends, Request, Response
+
+from server.backends.base import PromptItem
+from server.billing import Caller, Charge, billed, require_caller
+from server.state import ready_state
+from server.validation import check_item_count, check_model, check_prompts_fit, check_texts, decode_context
+from shared.arrays import encode_array
+from shared.schemas import (
+    PromptEmbeddingRequest,
+    PromptEmbeddingResponse,
+    TokenEmbeddingRequest,
+    TokenEmbeddingResponse,
+    Usage,
+)
+
+router = APIRouter(tags=["prompts"])
+
+
+@router.post("/v1/prompt-embeddings", response_model=PromptEmbeddingResponse)
+async def prompt_embeddings(
+    body: PromptEmbeddingRequest, request: Request, caller: Annotated[Caller, Depends(require_caller)]
+) -> Response:
+    state, backend, batchers = ready_state(request)
+    check_model(body.model, backend)
+    n_items = len(body.prompts) * len(body.class_names)
+    check_item_count(n_items, state.settings, param="prompts")
+    check_texts(body.class_names, state.settings.max_class_name_chars, param="class_names")
+    contexts = [decode_context(p, backend, param=f"prompts[{i}]") for i, p in enumerate(body.prompts)]
+    check_prompts_fit(contexts, body.class_names, backend)
+    items = [PromptItem(ctx, name) for ctx in contexts for name in body.class_names]
+    usage = Usage(items=n_items, texts=n_items)
+
+    async def produce() -> PromptEmbeddingResponse:
+        features = await batchers.prompts.submit(items)
+        shape = [len(contexts), len(body.class_names), int(features.shape[-1])]
+        cube = features.reshape(shape)
+        embeddings = encode_array(cube.numpy()) if body.encoding_format == "base64" else cube.tolist()
+        return PromptEmbeddingResponse(model=backend.card.id, shape=shape, embeddings=embeddings, usage=usage)
+
+    return await billed(request, caller, Charge("prompt-embeddings", "embed", n_items, body, produce))
+
+
+@router.post("/v1/token-embeddings", response_model=TokenEmbeddingResponse)
+async def token_embeddings(
+    body: TokenEmbeddingRequest, request: Request, caller: Annotated[Caller, Depends(require_caller)]
+) -> Response:
+    state, backend, _ = ready_state(request)
+    check_model(body.model, backend)
+    check_texts([body.text], state.settings.max_text_chars, param="text")
+    usage = Usage(items=1, texts=1)
+
+    async def produce() -> TokenEmbeddingResponse:
+        tokens, vectors = backend.token_embeddings(body.text)
+        matrix: torch.Tensor = vectors
+        embedding = encode_array(matrix.numpy()) if body.encoding_format == "base64" else matrix.tolist()
+        return TokenEmbeddingResponse(
+            model=backend.card.id, tokens=tokens, shape=list(matrix.shape), embedding=embedding, usage=usage
+        )
+
+    return await billed(request, caller, Charge("token-embeddings", "embed", 1, body, produce))

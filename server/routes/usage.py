@@ -1,0 +1,48 @@
+"""GET /v1/usage: the caller's own budget, spending and recent ledger (never other keys')."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Request
+
+from server.billing import Caller, _store, _store_call, require_caller
+from server.errors import ApiError
+from server.state import get_state
+from server.store.base import ApiKey, LedgerRow
+from shared.errors import ErrorCode
+from shared.schemas import LedgerEntry, UsageReport
+
+router = APIRouter(tags=["usage"])
+
+
+@router.get("/v1/usage", response_model=UsageReport)
+async def usage(
+    request: Request, caller: Annotated[Caller, Depends(require_caller)], recent: int = 20
+) -> UsageReport:
+    if caller.key is None:
+        raise ApiError(404, ErrorCode.not_found, "usage accounting is off on this server (auth disabled)")
+    state = get_state(request)
+    result = await _store_call(state, _store(state).usage, caller.key.id, max(0, min(recent, 1000)))
+    key, rows = result  # type: ignore[misc]
+    assert isinstance(key, ApiKey)
+    return UsageReport(
+        key_name=key.name,
+        budget_items=key.budget_items,
+        spent_items=key.spent_items,
+        remaining_items=key.remaining_items,
+        budget_requests=key.budget_requests,
+        spent_requests=key.spent_requests,
+        remaining_requests=key.remaining_requests,
+        recent=[_entry(row) for row in rows],
+    )
+
+
+def _entry(row: LedgerRow) -> LedgerEntry:
+    return LedgerEntry(
+        request_id=row.request_id,
+        endpoint=row.endpoint,
+        items=0 if row.refunded else row.items,
+        status=row.status if row.status is not None else 0,
+        created_at=row.created_at,
+    )

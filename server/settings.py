@@ -1,0 +1,57 @@
+"""Server configuration: every knob is a `CBBT_*` environment variable or a CLI flag."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_MODEL = "devise-effnet-minilm"
+
+
+class ServerSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="CBBT_", extra="ignore", protected_namespaces=())
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    # Model: a registry name (see server.backends.registry) and its weights.
+    model: str = DEFAULT_MODEL
+    pretrained: str | None = Field(
+        default=None, description="local checkpoint path, a hub tag, or 'none' (random init, tests only)"
+    )
+    model_config_dir: Path | None = Field(default=None, description="extra open_clip model configs (JSON)")
+    cache_dir: Path | None = Field(
+        default=None, description="where derived model state (ridge map) is cached"
+    )
+    device: str = "cpu"
+    threads: int | None = Field(default=None, description="torch intra-op threads (default: torch's choice)")
+
+    # Accounting.
+    db: Path = Path("cbbt.db")
+    auth: bool = Field(default=True, description="require API keys on /v1 (off only for local experiments)")
+    admin_token: SecretStr | None = None
+    idempotency_ttl_s: float = 24 * 3600.0
+
+    # Request limits.
+    max_items_per_request: int = 4096
+    max_body_bytes: int = 32 * 1024 * 1024
+    max_image_bytes: int = 8 * 1024 * 1024
+    max_image_pixels: int = 4096 * 4096
+    max_class_name_chars: int = 200
+    max_text_chars: int = 2000
+
+    # Dynamic batching.
+    batch_max_items: int = 64
+    batch_max_wait_ms: float = 5.0
+    queue_max_items: int = 16384
+
+    # Commercial-API simulation: injected latency and transient failures (never charged).
+    latency_ms: float = 0.0
+    latency_jitter_ms: float = 0.0
+    failure_rate: float = Field(default=0.0, ge=0.0, le=1.0)
+    drop_rate: float = Field(default=0.0, ge=0.0, le=1.0)
+    fault_seed: int | None = None
+
+    cors_origins: list[str] = Field(default_factory=list)
+    log_level: str = "info"

@@ -1,0 +1,85 @@
+"""The service's live state (model, batchers, store, limiter, metrics), one per app."""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import torch
+from fastapi import Request
+
+from server.backends.base import Backend, PromptItem
+from server.batching import DynamicBatcher
+from server.errors import ApiError
+from server.metrics import Metrics
+from server.ratelimit import RateLimiter
+from server.settings import ServerSettings
+from server.store.base import Store
+from shared.errors import ErrorCode
+
+
+@dataclass
+class Batchers:
+    images: DynamicBatcher[torch.Tensor]
+    texts: DynamicBatcher[str]
+    prompts: DynamicBatcher[PromptItem]
+
+    def all(self) -> tuple[DynamicBatcher[torch.Tensor], DynamicBatcher[str], DynamicBatcher[PromptItem]]:
+        return (self.images, self.texts, self.prompts)
+
+
+@dataclass
+class ServiceState:
+    settings: ServerSettings
+    metrics: Metrics
+    limiter: RateLimiter
+    store: Store | None = None
+    backend: Backend | None = None
+    batchers: Batchers | None = None
+    load_error: str | None = None
+    # One thread runs the model: torch already spreads one batch over every core.
+    model_executor: ThreadPoolExecutor = field(
+        default_factory=lambda: ThreadPoolExecutor(max_workers=1, thread_name_prefix="cbbt-model")
+    )
+
+    @property
+    def ready(self) -> bool:
+        return self.backend is not None and self.batchers is not None
+
+    def build_batchers(self, backend: Backend) -> Batchers:
+        s = self.settings
+        observer = self.metrics.batch_observer()
+
+        def make(modality: str, run: object) -> DynamicBatcher:  # type: ignore[type-arg]
+            return DynamicBatcher(
+                modality=modality,
+                run_batch=run,  # type: ignore[arg-type]
+                executor=self.model_executor,
+                max_items=s.batch_max_items,
+                max_wait_s=s.batch_max_wait_ms / 1000.0,
+                queue_limit=s.queue_max_items,
+                observer=observer,
+            )
+
+        return Batchers(
+            images=make("image", lambda xs: backend.encode_images(torch.stack(xs))),
+            texts=make("text", backend.encode_texts),
+            prompts=make("prompt", backend.encode_prompts),
+        )
+
+
+def get_state(request: Request) -> ServiceState:
+    return request.app.state.cbbt  # type: ignore[no-any-return]
+
+
+def ready_state(request: Request) -> tuple[ServiceState, Backend, Batchers]:
+    """The state of a service whose model is loaded; 503 model_not_ready otherwise."""
+    state = get_state(request)
+    if state.backend is None or state.batchers is None:
+        raise ApiError(
+            503,
+            ErrorCode.model_not_ready,
+            state.load_error or "the model is still loading; retry shortly",
+            headers={"Retry-After": "2"},
+        )
+    return state, state.backend, state.batchers
