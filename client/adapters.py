@@ -25,7 +25,9 @@ from torch import nn
 logger = logging.getLogger(__name__)
 
 
-def clip_logits(image_features: torch.Tensor, text_features: torch.Tensor, scale: float | torch.Tensor) -> torch.Tensor:
+def clip_logits(
+    image_features: torch.Tensor, text_features: torch.Tensor, scale: float | torch.Tensor
+) -> torch.Tensor:
     """scale · normalize(image) @ normalize(text)ᵀ: `[N, D] × [C, D] → [N, C]`."""
     return scale * F.normalize(image_features, dim=-1) @ F.normalize(text_features, dim=-1).T
 
@@ -204,7 +206,7 @@ class LinearProbe(nn.Module):
 
         with torch.enable_grad():
             final = optimiser.step(closure)
-        logger.debug("linear probe fitted: objective=%.5f", float(final))
+        logger.debug("linear probe fitted: objective=%.5f", float(final.detach()))
         return self
 
     def predict_logits(self, features: torch.Tensor) -> torch.Tensor:

@@ -113,7 +113,7 @@ def _orthonormal_columns(matrix: torch.Tensor) -> torch.Tensor:
     # so each column is still uniform on the sphere and the d/q scaling stays unbiased.
     signs = torch.sign(torch.diagonal(r))
     signs[signs == 0] = 1.0
-    return q * signs
+    return (q * signs).contiguous()
 
 
 def unit_rows(matrix: torch.Tensor) -> torch.Tensor:
@@ -154,6 +154,18 @@ def _as_oracle_points(points: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 def _generator_state(generator: torch.Generator) -> torch.Tensor:
     return generator.get_state().clone()
+
+
+def _owned(tensor: torch.Tensor) -> torch.Tensor:
+    """A fresh float64 CPU copy of a loaded tensor. safetensors hands out tensors at arbitrary
+    offsets in its buffer, and BLAS kernels round differently on misaligned memory, which would
+    break bit-exact resumption; a new allocation is aligned."""
+    return tensor.detach().to(device="cpu", dtype=_WORK_DTYPE).clone(memory_format=torch.contiguous_format)
+
+
+def _packed(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Detached, contiguous, unshared CPU copies: what safetensors accepts."""
+    return {name: t.detach().to("cpu").contiguous().clone() for name, t in state.items()}
 
 
 def _lift(search: torch.Tensor, basis: torch.Tensor | None) -> torch.Tensor:
@@ -274,7 +286,9 @@ class GradientEstimator:
         raw_norm = float(grad_search.norm())  # A has orthonormal columns: same norm in θ-space
         grad = grad_search if self._basis is None else self._basis @ grad_search
         grad, clipped = clip_norm(grad, self.clip_threshold)
-        logger.debug("estimate: loss=%.5f |g|=%.4g clipped=%s points=%d", loss0, raw_norm, clipped, len(points))
+        logger.debug(
+            "estimate: loss=%.5f |g|=%.4g clipped=%s points=%d", loss0, raw_norm, clipped, len(points)
+        )
         return Estimate(
             grad=grad.reshape(theta.shape).to(device=theta.device, dtype=theta.dtype),
             loss=loss0,
@@ -321,7 +335,9 @@ class GradientEstimator:
             return (losses[1 : q + 1] - losses[q + 1 :]) / (2.0 * self.mu)
         return (losses[1:] - losses[0]) / self.mu
 
-    def _combine(self, coeffs: torch.Tensor, history_dirs: torch.Tensor, random_dirs: torch.Tensor) -> torch.Tensor:
+    def _combine(
+        self, coeffs: torch.Tensor, history_dirs: torch.Tensor, random_dirs: torch.Tensor
+    ) -> torch.Tensor:
         h = history_dirs.shape[0]
         # Directional derivatives along an orthonormal basis give that projection exactly;
         # the random part estimates the rest, scaled by (remaining dimension / its count).
@@ -339,19 +355,19 @@ class GradientEstimator:
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Generator state, subspace basis and history: all a resumed run needs to draw alike."""
-        state = {"generator_state": _generator_state(self.generator), "history": self._history.clone()}
+        state = {"generator_state": _generator_state(self.generator), "history": self._history}
         if self._basis is not None:
-            state["basis"] = self._basis.clone()
-        return state
+            state["basis"] = self._basis
+        return _packed(state)
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         self.generator.set_state(state["generator_state"].to(torch.uint8))
-        history = state["history"].to(_WORK_DTYPE)
+        history = _owned(state["history"])
         if history.ndim != 2 or history.shape[1] != self.search_dim:
             raise ValueError("history in state does not match the search dimension")
         self._history = history[-self.config.history :] if self.config.history else history[:0]
         if self._basis is not None:
-            basis = state["basis"].to(_WORK_DTYPE)
+            basis = _owned(state["basis"])
             if basis.shape != self._basis.shape:
                 raise ValueError(f"basis shape {tuple(basis.shape)} != {tuple(self._basis.shape)}")
             self._basis = basis
@@ -402,7 +418,9 @@ class CmaesOptimizer:
     def __init__(self, dim: int, config: CmaesConfig, generator: torch.Generator) -> None:
         self.dim = dim
         self.config = config
-        self.subspace_dim = config.subspace_dim if config.subspace_dim is not None else min(dim, CMAES_DEFAULT_SUBSPACE)
+        self.subspace_dim = (
+            config.subspace_dim if config.subspace_dim is not None else min(dim, CMAES_DEFAULT_SUBSPACE)
+        )
         if self.subspace_dim > dim:
             raise ValueError(f"subspace_dim {self.subspace_dim} exceeds the dimension {dim}")
         self._basis = random_orthonormal_basis(dim, self.subspace_dim, generator)
@@ -484,20 +502,22 @@ class CmaesOptimizer:
     def state_dict(self) -> dict[str, torch.Tensor]:
         state = {
             "seed": torch.tensor(self._seed, dtype=torch.int64),
-            "basis": self._basis.clone(),
-            "fitness": torch.tensor(self._fitness, dtype=_WORK_DTYPE).reshape(len(self._fitness), self.points_per_step),
+            "basis": self._basis,
+            "fitness": torch.tensor(self._fitness, dtype=_WORK_DTYPE).reshape(
+                len(self._fitness), self.points_per_step
+            ),
         }
         if self._anchor is not None:
-            state["anchor"] = self._anchor.clone()
-        return state
+            state["anchor"] = self._anchor
+        return _packed(state)
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        basis = state["basis"].to(_WORK_DTYPE)
+        basis = _owned(state["basis"])
         if basis.shape != self._basis.shape:
             raise ValueError(f"basis shape {tuple(basis.shape)} != {tuple(self._basis.shape)}")
         self._basis = basis
         self._seed = int(state["seed"])
-        self._anchor = state["anchor"].to(_WORK_DTYPE).clone() if "anchor" in state else None
+        self._anchor = _owned(state["anchor"]) if "anchor" in state else None
         self._fitness, self.best_loss, self._best_z = [], math.inf, None
         self._es = self._new_strategy()
         for row in state["fitness"].tolist():
@@ -557,7 +577,9 @@ class SpsaGcOptimizer:
         self.config = config
         self.generator = generator
         self._basis = (
-            random_orthonormal_basis(dim, config.subspace_dim, generator) if config.subspace_dim is not None else None
+            random_orthonormal_basis(dim, config.subspace_dim, generator)
+            if config.subspace_dim is not None
+            else None
         )
         self.search_dim = config.subspace_dim if config.subspace_dim is not None else dim
         self._velocity = torch.zeros(dim, dtype=_WORK_DTYPE)
@@ -602,19 +624,22 @@ class SpsaGcOptimizer:
     def state_dict(self) -> dict[str, torch.Tensor]:
         state = {
             "generator_state": _generator_state(self.generator),
-            "velocity": self._velocity.clone(),
+            "velocity": self._velocity,
             "step": torch.tensor(self._k, dtype=torch.int64),
         }
         if self._basis is not None:
-            state["basis"] = self._basis.clone()
-        return state
+            state["basis"] = self._basis
+        return _packed(state)
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         self.generator.set_state(state["generator_state"].to(torch.uint8))
-        self._velocity = state["velocity"].to(_WORK_DTYPE).clone()
+        self._velocity = _owned(state["velocity"])
         self._k = int(state["step"])
         if self._basis is not None:
-            self._basis = state["basis"].to(_WORK_DTYPE).clone()
+            basis = _owned(state["basis"])
+            if basis.shape != self._basis.shape:
+                raise ValueError(f"basis shape {tuple(basis.shape)} != {tuple(self._basis.shape)}")
+            self._basis = basis
 
 
 # --------------------------------------------------------------------------------------------

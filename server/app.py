@@ -92,13 +92,25 @@ def create_app(
 
         token = settings.admin_token.get_secret_value()
         app.include_router(build_admin_router(lambda: _require_store(state), token))
-    routes = [getattr(r, "path", "") for r in app.routes]
+    routes = _route_paths(app)
     app.add_middleware(FaultInjectionMiddleware, settings=settings, metrics=metrics)
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"])
     app.add_middleware(MetricsMiddleware, metrics=metrics, routes=routes)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     return app
+
+
+def _route_paths(app: FastAPI) -> list[str]:
+    """Every route's path template, those of included routers too (FastAPI keeps them nested)."""
+    paths: list[str] = []
+    for route in app.routes:
+        contexts = getattr(route, "effective_route_contexts", None)
+        if callable(contexts):
+            paths += [str(getattr(context, "path", "")) for context in contexts()]
+        else:
+            paths.append(str(getattr(route, "path", "")))
+    return paths
 
 
 def _require_store(state: ServiceState) -> Store:

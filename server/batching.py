@@ -114,9 +114,11 @@ class DynamicBatcher(Generic[T]):
         try:
             return await pending.future
         finally:
-            if not pending.future.done():
-                # The caller went away: drop its queued items so the model does not run them.
+            if not pending.future.done() or pending.future.cancelled():
+                # The caller went away (cancelling the task cancels the future it awaits):
+                # drop its queued items so the model does not run them.
                 self._queue = deque(entry for entry in self._queue if entry[0] is not pending)
+                self.observer.on_queue_depth(self.modality, len(self._queue))
 
     async def _collect(self) -> None:
         loop = asyncio.get_running_loop()

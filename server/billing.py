@@ -22,7 +22,7 @@ from server.batching import Overloaded
 from server.errors import ApiError
 from server.ratelimit import RateDecision, rate_limit_headers, retry_after_headers
 from server.state import ServiceState, get_state
-from server.store.base import ApiKey, QuotaExceeded, Store, StoreUnavailable
+from server.store.base import ApiKey, KeyNotFound, QuotaExceeded, Store, StoreUnavailable
 from shared.errors import ErrorCode
 
 logger = logging.getLogger(__name__)
@@ -180,6 +180,9 @@ async def _charged(
             f"budget exhausted: this request needs {charge.items} items, {exc.remaining_items} remain",
             headers={"x-should-retry": "false", "x-budget-remaining-items": str(exc.remaining_items or 0)},
         ) from exc
+    except KeyNotFound as exc:  # revoked between authentication and the charge
+        state.limiter.refund(key.id, charge.items)
+        raise ApiError(401, ErrorCode.invalid_api_key, "invalid or revoked API key") from exc
     except BaseException:
         state.limiter.refund(key.id, charge.items)
         raise

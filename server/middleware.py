@@ -51,6 +51,9 @@ class BodyLimitMiddleware:
                 send, 413, ErrorCode.request_too_large, f"request body exceeds {self.max_bytes} bytes"
             )
             return
+        if declared is None:
+            await self._buffered(scope, receive, send)
+            return
         seen = 0
         started = False
 
@@ -76,6 +79,42 @@ class BodyLimitMiddleware:
                 await send_error(
                     send, 413, ErrorCode.request_too_large, f"request body exceeds {self.max_bytes} bytes"
                 )
+
+    async def _buffered(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """No Content-Length (chunked): read the body up to the limit before the app sees it.
+
+        An error raised from inside the app's body read would be turned into a 400 by FastAPI's
+        body parsing, so the limit is enforced here, where a 413 can still be answered.
+        """
+        chunks: list[bytes] = []
+        seen = 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            if message["type"] != "http.request":
+                continue
+            chunk = message.get("body", b"")
+            seen += len(chunk)
+            if seen > self.max_bytes:
+                await send_error(
+                    send, 413, ErrorCode.request_too_large, f"request body exceeds {self.max_bytes} bytes"
+                )
+                return
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        body = b"".join(chunks)
+        replayed = False
+
+        async def replay_receive() -> Message:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay_receive, send)
 
 
 class MetricsMiddleware:

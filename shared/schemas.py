@@ -141,7 +141,8 @@ class LedgerEntry(_Body):
     request_id: str
     endpoint: str
     items: int
-    status: int
+    status: int | None  # None while the request is still being answered
+    refunded: bool = False
     created_at: float
 
 

@@ -38,7 +38,9 @@ class Quadratic:
     def random(cls, dim: int, seed: int = 0) -> Quadratic:
         g = torch.Generator().manual_seed(seed)
         m = torch.randn(dim, dim, generator=g, dtype=F64) / math.sqrt(dim)
-        return cls(hessian=m @ m.T + 0.5 * torch.eye(dim, dtype=F64), linear=torch.randn(dim, generator=g, dtype=F64))
+        return cls(
+            hessian=m @ m.T + 0.5 * torch.eye(dim, dtype=F64), linear=torch.randn(dim, generator=g, dtype=F64)
+        )
 
     def __call__(self, points: torch.Tensor) -> torch.Tensor:
         self.calls.append(points.clone())
@@ -94,7 +96,7 @@ def test_mean_cosine_matches_theory(dim: int, q: int, draws: int) -> None:
 
 
 def test_estimate_is_unbiased_with_d_over_q_scaling() -> None:
-    dim, q, draws = 16, 4, 3000
+    dim, q, draws = 16, 4, 2000
     f = Quadratic.random(dim)
     theta = torch.randn(dim, generator=torch.Generator().manual_seed(2), dtype=F64)
     estimator = make(dim, directions=q, mu=1e-6)
@@ -216,7 +218,9 @@ def test_same_seed_gives_identical_estimates() -> None:
     "overrides",
     [{}, {"subspace_dim": 12, "orthogonal": True}, {"history": 3, "antithetic": True}],
 )
-def test_state_dict_round_trip_reproduces_the_next_estimate(overrides: dict[str, object], tmp_path: Path) -> None:
+def test_state_dict_round_trip_reproduces_the_next_estimate(
+    overrides: dict[str, object], tmp_path: Path
+) -> None:
     dim = 32
     f = Quadratic.random(dim)
     theta = torch.randn(dim, dtype=F64)
@@ -247,7 +251,7 @@ def test_subspace_directions_and_gradient_lie_in_the_subspace() -> None:
 
 
 def test_subspace_estimate_is_unbiased_for_the_projected_gradient() -> None:
-    dim, k, q, draws = 24, 6, 3, 3000
+    dim, k, q, draws = 24, 6, 3, 2000
     f = Quadratic.random(dim)
     theta = torch.randn(dim, dtype=F64)
     estimator = make(dim, directions=q, subspace_dim=k, mu=1e-6)
@@ -262,10 +266,15 @@ def test_history_directions_sharpen_a_steady_gradient_and_stay_unbiased() -> Non
     f = Quadratic.random(dim)
     theta = torch.randn(dim, dtype=F64)
     true = f.grad(theta)
-    with_history = make(dim, directions=q, history=2, mu=1e-6)
-    cosines = [cosine(with_history.step(theta, f).grad, true) for _ in range(6)]
-    # The gradient does not move, so once it is in the history it is measured exactly.
-    assert min(cosines[2:]) > 0.95
+    # The history holds noisy estimates, but their span contains their average, so at a
+    # steady gradient the exactly-measured projection grows and the estimate sharpens.
+    mean_cosine = {}
+    for history in (0, 4):
+        estimator = make(dim, directions=q, history=history, mu=1e-6)
+        cosines = [cosine(estimator.step(theta, f).grad, true) for _ in range(30)]
+        mean_cosine[history] = sum(cosines[10:]) / 20
+    assert mean_cosine[0] == pytest.approx(math.sqrt(q / (q + dim)), abs=0.08)
+    assert mean_cosine[4] > mean_cosine[0] + 0.15
     assert all(call.shape == (1 + q, dim) for call in f.calls)
 
     small = Quadratic.random(16)

@@ -42,7 +42,8 @@ def _entry(row: LedgerRow) -> LedgerEntry:
     return LedgerEntry(
         request_id=row.request_id,
         endpoint=row.endpoint,
-        items=0 if row.refunded else row.items,
-        status=row.status if row.status is not None else 0,
+        items=row.items,
+        status=row.status,
+        refunded=row.refunded,
         created_at=row.created_at,
     )

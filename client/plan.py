@@ -1,0 +1,106 @@
+"""Fit the tuning schedule to the item budget before the run starts.
+
+Items are what the server charges: one image or one text sequence encoded. A run spends
+them on (1) image features, once per image and view, (2) the initial prompt (its token
+vectors and its C class features), and (3) prompt steps, each `points_per_step * C` items.
+The adapter trains on cached features and costs nothing. When the budget cannot pay for the
+faithful number of prompt steps, the steps are scaled down (keeping the schedule's shape:
+warm-up and adapter start at the same fractions) and the run says so; when it cannot even
+pay for the features, the run refuses to start.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import asdict, dataclass
+
+logger = logging.getLogger(__name__)
+
+
+class BudgetTooSmall(ValueError):
+    """The budget cannot pay for the image features and the initial prompt."""
+
+
+@dataclass(frozen=True)
+class Plan:
+    feature_items: int
+    init_items: int
+    items_per_step: int
+    faithful_steps: int
+    steps: int
+    warmup_steps: int
+    adapter_start_step: int
+    steps_per_epoch: int
+    budget: int | None
+    scaled: bool
+
+    @property
+    def prompt_items(self) -> int:
+        return self.steps * self.items_per_step
+
+    @property
+    def total_items(self) -> int:
+        return self.feature_items + self.init_items + self.prompt_items
+
+    def as_dict(self) -> dict[str, int | bool | None]:
+        out: dict[str, int | bool | None] = dict(asdict(self))
+        out["total_items"] = self.total_items
+        return out
+
+    def describe(self) -> str:
+        lines = [
+            f"features: {self.feature_items} items; initial prompt: {self.init_items} items",
+            f"prompt steps: {self.steps} x {self.items_per_step} items = {self.prompt_items} items",
+            f"planned total: {self.total_items} items" + (f" of a {self.budget} budget" if self.budget else ""),
+        ]
+        if self.scaled:
+            lines.append(
+                f"budget too small for the faithful {self.faithful_steps} prompt steps: scaled down to "
+                f"{self.steps} (warm-up {self.warmup_steps}, adapter joins at step {self.adapter_start_step}); "
+                "the adapter still trains in full, on cached features, at no query cost"
+            )
+        return "\n".join(lines)
+
+
+def make_plan(
+    *,
+    feature_items: int,
+    num_classes: int,
+    points_per_step: int,
+    train_images: int,
+    batch_size: int,
+    epochs: int,
+    adapter_start_epoch: int,
+    budget: int | None,
+    tunes_prompt: bool,
+) -> Plan:
+    init_items = 1 + num_classes  # token vectors of the init text + its class features
+    items_per_step = points_per_step * num_classes
+    steps_per_epoch = max(1, math.ceil(train_images / batch_size))
+    faithful = steps_per_epoch * epochs if tunes_prompt else 0
+    fixed = feature_items + init_items
+    if budget is not None and fixed > budget:
+        raise BudgetTooSmall(
+            f"a budget of {budget} items cannot pay for the image features and the initial prompt "
+            f"({feature_items} + {init_items} = {fixed} items); raise --budget or lower --views/--test-per-class"
+        )
+    affordable = faithful if budget is None else min(faithful, (budget - fixed) // max(1, items_per_step))
+    scale = affordable / faithful if faithful else 0.0
+    warmup = min(affordable, round(steps_per_epoch * scale)) if affordable else 0
+    adapter_start = min(affordable, round(steps_per_epoch * adapter_start_epoch * scale))
+    plan = Plan(
+        feature_items=feature_items,
+        init_items=init_items,
+        items_per_step=items_per_step,
+        faithful_steps=faithful,
+        steps=affordable,
+        warmup_steps=warmup,
+        adapter_start_step=adapter_start,
+        steps_per_epoch=steps_per_epoch,
+        budget=budget,
+        scaled=affordable < faithful,
+    )
+    if plan.scaled:
+        logger.warning(plan.describe().splitlines()[-1])
+    return plan

@@ -1,0 +1,562 @@
+"""The tuning loop: CBBT over HTTP, readable top to bottom.
+
+1. fetch image features once (cached on disk), 2. initialise the soft prompt from words,
+3. zero-shot accuracy, 4. prompt steps: estimate the prompt's gradient from the losses of
+perturbed prompts (ONE request per step carries all of them), Adam on the estimate, and,
+after the prompt-only phase, an exact adapter step on the same batch, 5. adapter-only epochs
+on cached features (free), 6. test the checkpoint chosen on validation, write the artifact.
+
+Everything that decides the result is in `TuneState` and checkpointed, so `--resume`
+continues to the same result; deterministic idempotency keys make redone steps replays.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import signal
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from client.adapters import ResidualAdapter, TipAdapter, clip_logits
+from client.api import CbbtClient, QuotaExhausted
+from client.artifact import Artifact, save_artifact
+from client.data import FewShotSplit
+from client.estimators import EstimatorConfig, GradientEstimator
+from client.features import FeatureStore
+from client.plan import Plan, make_plan
+from client.report import write_report
+
+logger = logging.getLogger(__name__)
+
+Method = Literal["cbbt", "cbbt-prompt", "adapter", "zero-shot"]
+METHODS: tuple[str, ...] = ("cbbt", "cbbt-prompt", "adapter", "zero-shot")
+CHECKPOINT_FILE = "checkpoint.pt"
+RUN_FILE = "run.json"
+
+
+@dataclass(frozen=True)
+class TuneConfig:
+    """Defaults are CBBT's released hyperparameters (method.md §2-3)."""
+
+    method: Method = "cbbt"
+    shots: int = 16
+    seed: int = 1
+    budget: int | None = None  # items; a hard cap
+    # The soft prompt and its estimator.
+    init_text: str = "a"
+    directions: int = 256
+    antithetic: bool = False
+    mu: float | None = None
+    clip_norm: float | None = 5.0
+    subspace_dim: int | None = None
+    prompt_lr: float = 2e-3
+    prompt_weight_decay: float = 5e-4
+    warmup_lr: float = 1e-5
+    epochs: int = 150
+    batch_size: int = 32
+    # The adapter on image features.
+    adapter: Literal["residual", "tip", "none"] = "residual"
+    adapter_ratio: float = 0.2
+    adapter_lr: float = 1e-3
+    adapter_weight_decay: float = 1e-4
+    adapter_start_epoch: int = 10
+    adapter_epochs: int = 100
+    # Data and bookkeeping.
+    views: int = 2  # cached views per training image (view 0 is the image itself)
+    checkpoint_every: int = 5
+
+    @property
+    def tunes_prompt(self) -> bool:
+        return self.method in ("cbbt", "cbbt-prompt")
+
+    @property
+    def uses_adapter(self) -> bool:
+        return self.method in ("cbbt", "adapter") and self.adapter != "none"
+
+    def estimator_config(self) -> EstimatorConfig:
+        return EstimatorConfig(
+            directions=self.directions,
+            mu=self.mu,
+            antithetic=self.antithetic,
+            clip_norm=self.clip_norm,
+            subspace_dim=self.subspace_dim,
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# The client-side model: text features of the prompt, an adapter on image features, logits.
+# ---------------------------------------------------------------------------------------------
+
+
+def make_adapter(cfg: TuneConfig, dim: int, train_feats: torch.Tensor, train_labels: torch.Tensor, classes: int) -> nn.Module | None:
+    if not cfg.uses_adapter:
+        return None
+    if cfg.adapter == "tip":
+        keys = F.normalize(train_feats.mean(dim=1), dim=-1)  # average the cached views per image
+        return TipAdapter(keys, train_labels, classes, trainable_keys=True)
+    return ResidualAdapter(dim, ratio=cfg.adapter_ratio)
+
+
+def logits_of(adapter: nn.Module | None, images: torch.Tensor, texts: torch.Tensor, scale: float) -> torch.Tensor:
+    """[N, D] image features x [C, D] class text features -> [N, C] logits."""
+    if adapter is None:
+        return clip_logits(images, texts, scale)
+    if isinstance(adapter, TipAdapter):
+        return adapter(images, clip_logits(images, texts, scale))  # type: ignore[no-any-return]
+    return clip_logits(adapter(images), texts, scale)
+
+
+@torch.no_grad()
+def accuracy_and_loss(
+    adapter: nn.Module | None, images: torch.Tensor, labels: torch.Tensor, texts: torch.Tensor, scale: float
+) -> tuple[float, float]:
+    logits = logits_of(adapter, images, texts, scale)
+    return float((logits.argmax(-1) == labels).float().mean()), float(F.cross_entropy(logits, labels))
+
+
+def lr_factor(step: int, plan: Plan, cfg: TuneConfig) -> float:
+    """Warm-up at a fixed small lr, then cosine decay over the remaining steps (CBBT's schedule)."""
+    if step < plan.warmup_steps:
+        return cfg.warmup_lr / cfg.prompt_lr
+    span = max(1, plan.steps - plan.warmup_steps)
+    return 0.5 * (1.0 + math.cos(math.pi * (step - plan.warmup_steps) / span))
+
+
+# ---------------------------------------------------------------------------------------------
+# State: everything a resumed run needs to continue to the same result.
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Best:
+    val_accuracy: float = -1.0
+    val_loss: float = math.inf
+    step: int = -1
+    theta: torch.Tensor | None = None
+    text_features: torch.Tensor | None = None
+    adapter: dict[str, torch.Tensor] | None = None
+
+    def improves(self, accuracy: float, loss: float) -> bool:
+        return (accuracy, -loss) > (self.val_accuracy, -self.val_loss)
+
+
+@dataclass
+class TuneState:
+    run_id: str
+    step: int = 0
+    adapter_epoch: int = 0
+    curve: list[dict[str, float]] = field(default_factory=list)
+    best: Best = field(default_factory=Best)
+    stopped_reason: str | None = None
+
+
+@dataclass
+class Data:
+    """Cached features as tensors: train [N, V, D], val [Nv, D], test [Nt, D]."""
+
+    train: torch.Tensor
+    train_labels: torch.Tensor
+    val: torch.Tensor
+    val_labels: torch.Tensor
+    test: torch.Tensor
+    test_labels: torch.Tensor
+
+
+@dataclass
+class TuneResult:
+    report: dict[str, object]
+    artifact_dir: Path
+
+
+class StopRequested(Exception):
+    """SIGINT/SIGTERM: checkpoint and stop at the next step boundary."""
+
+
+@contextmanager
+def stop_on_signals() -> Iterator[Callable[[], bool]]:
+    requested = False
+
+    def handler(signum: int, _frame: object) -> None:
+        nonlocal requested
+        requested = True
+        logger.warning("signal %d: stopping after this step (a checkpoint will be written)", signum)
+
+    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        for s in previous:
+            signal.signal(s, handler)
+    except ValueError:  # not the main thread: no signal handling
+        previous = {}
+    try:
+        yield lambda: requested
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+# ---------------------------------------------------------------------------------------------
+# The run.
+# ---------------------------------------------------------------------------------------------
+
+
+class Tuner:
+    def __init__(
+        self,
+        client: CbbtClient,
+        features: FeatureStore,
+        split: FewShotSplit,
+        cfg: TuneConfig,
+        out_dir: Path,
+        *,
+        progress: Callable[[dict[str, float]], None] | None = None,
+    ) -> None:
+        self.client = client
+        self.features = features
+        self.split = split
+        self.cfg = cfg
+        self.out_dir = out_dir
+        self.progress = progress
+        self.card = client.model_card()
+        self.scale = self.card.logit_scale
+        self.classes = list(split.class_names)
+        torch.manual_seed(cfg.seed)
+        self.generator = torch.Generator().manual_seed(cfg.seed)
+        self.batch_generator = torch.Generator().manual_seed(cfg.seed + 1_000_003)
+
+    # -- phases -------------------------------------------------------------------------------
+    def plan(self) -> Plan:
+        s, cfg = self.split, self.cfg
+        feature_items = self.features.missing_count(s.train, cfg.views) + self.features.missing_count(
+            s.val + s.test, 1
+        )
+        points = GradientEstimator(1, EstimatorConfig(directions=cfg.directions, antithetic=cfg.antithetic), torch.Generator()).points_per_step if cfg.tunes_prompt else 1
+        return make_plan(
+            feature_items=feature_items,
+            num_classes=len(self.classes),
+            points_per_step=points,
+            train_images=len(s.train),
+            batch_size=cfg.batch_size,
+            epochs=cfg.epochs,
+            adapter_start_epoch=cfg.adapter_start_epoch if cfg.method == "cbbt" else 0,
+            budget=cfg.budget,
+            tunes_prompt=cfg.tunes_prompt,
+        )
+
+    def fetch_features(self) -> Data:
+        s = self.split
+
+        def labels(examples: list) -> torch.Tensor:  # type: ignore[type-arg]
+            return torch.tensor([e.label for e in examples], dtype=torch.long)
+
+        train = torch.from_numpy(self.features.features(s.train, self.cfg.views))
+        val = torch.from_numpy(self.features.features(s.val, 1))[:, 0]
+        test = torch.from_numpy(self.features.features(s.test, 1))[:, 0]
+        return Data(train, labels(s.train), val, labels(s.val), test, labels(s.test))
+
+    def text_features(self, thetas: torch.Tensor, key: str) -> torch.Tensor:
+        """[P, M, W] prompts -> [P, C, D] class text features, in as few requests as allowed."""
+        out = self.client.prompt_embeddings(
+            thetas.detach().float().numpy(), self.classes, idempotency_key=f"{self.state.run_id}/{key}"
+        )
+        self.client.counter.loss_evaluations += thetas.shape[0]
+        return torch.from_numpy(out)
+
+    # -- main ---------------------------------------------------------------------------------
+    def run(self, *, resume: bool = False) -> TuneResult:
+        started = time.time()
+        cfg = self.cfg
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.state = TuneState(run_id=self._run_id(resume))
+        plan = self.plan()
+        logger.info("plan:\n%s", plan.describe())
+        data = self.fetch_features()
+
+        theta0 = torch.from_numpy(self.client.token_embeddings(cfg.init_text)).float()
+        theta = theta0.clone().requires_grad_(cfg.tunes_prompt)
+        text0 = self.text_features(theta0.unsqueeze(0), "init")[0]
+        zero_val, _ = accuracy_and_loss(None, data.val, data.val_labels, text0, self.scale)
+        zero_test, _ = accuracy_and_loss(None, data.test, data.test_labels, text0, self.scale)
+        logger.info("zero-shot: val %.3f, test %.3f", zero_val, zero_test)
+
+        adapter = make_adapter(cfg, self.card.feature_dim, data.train, data.train_labels, len(self.classes))
+        prompt_opt = torch.optim.AdamW([theta], lr=cfg.prompt_lr, weight_decay=cfg.prompt_weight_decay)
+        adapter_opt = (
+            torch.optim.AdamW(adapter.parameters(), lr=cfg.adapter_lr, weight_decay=cfg.adapter_weight_decay)
+            if adapter is not None and any(p.requires_grad for p in adapter.parameters())
+            else None
+        )
+        estimator = GradientEstimator(theta.numel(), cfg.estimator_config(), self.generator)
+        self.state.best = Best(zero_val, math.inf, 0, theta0.clone(), text0, _adapter_state(adapter))
+        self.state.curve.append(self._point(0, zero_val, math.nan))
+
+        if resume:
+            self._load_checkpoint(theta, prompt_opt, adapter, adapter_opt, estimator)
+
+        def batch_loss_fn(
+            batch_images: torch.Tensor, batch_labels: torch.Tensor, key: str
+        ) -> tuple[Callable[[torch.Tensor], torch.Tensor], dict[str, torch.Tensor]]:
+            """The oracle of one step: all points in one request; keeps the base point's features."""
+            captured: dict[str, torch.Tensor] = {}
+
+            def loss_fn(points: torch.Tensor) -> torch.Tensor:
+                texts = self.text_features(points.reshape(-1, *theta.shape), key)
+                captured["base"] = texts[0]
+                with torch.no_grad():
+                    return torch.stack(
+                        [F.cross_entropy(logits_of(adapter, batch_images, t, self.scale), batch_labels) for t in texts]
+                    )
+
+            return loss_fn, captured
+
+        with stop_on_signals() as stop_requested:
+            try:
+                self._tune(plan, data, theta, prompt_opt, adapter, adapter_opt, estimator, batch_loss_fn, stop_requested)
+            except StopRequested:
+                self._save_checkpoint(theta, prompt_opt, adapter, adapter_opt, estimator)
+                raise
+        return self._finish(data, adapter, plan, zero_val, zero_test, started)
+
+    def _tune(
+        self,
+        plan: Plan,
+        data: Data,
+        theta: torch.Tensor,
+        prompt_opt: torch.optim.Optimizer,
+        adapter: nn.Module | None,
+        adapter_opt: torch.optim.Optimizer | None,
+        estimator: GradientEstimator,
+        batch_loss_fn: Callable[..., tuple[Callable[[torch.Tensor], torch.Tensor], dict[str, torch.Tensor]]],
+        stop_requested: Callable[[], bool],
+    ) -> None:
+        cfg = self.cfg
+        # Phase 1+2: prompt steps (prompt-only first, then prompt + adapter).
+        while self.state.step < plan.steps and self.state.stopped_reason is None:
+            step = self.state.step
+            if cfg.budget is not None and self.client.counter.items + plan.items_per_step > cfg.budget:
+                self.state.stopped_reason = "budget"
+                break
+            images, labels = self._sample_batch(data)
+            loss_fn, captured = batch_loss_fn(images, labels, f"step{step}")
+            for group in prompt_opt.param_groups:
+                group["lr"] = cfg.prompt_lr * lr_factor(step, plan, cfg)
+            try:
+                estimate = estimator.step(theta.detach(), loss_fn)
+            except QuotaExhausted:
+                logger.warning("the server reports the key's budget exhausted: stopping prompt tuning")
+                self.state.stopped_reason = "server quota"
+                break
+            base_text = captured["base"]
+            self._select(step, theta.detach(), base_text, adapter, data, estimate.loss)
+            theta.grad = estimate.grad.to(theta.dtype)
+            prompt_opt.step()
+            if adapter_opt is not None and adapter is not None and step >= plan.adapter_start_step:
+                self._adapter_step(adapter, adapter_opt, images, labels, base_text)
+            self.state.step = step + 1
+            if stop_requested():
+                raise StopRequested
+            if self.state.step % cfg.checkpoint_every == 0:
+                self._save_checkpoint(theta, prompt_opt, adapter, adapter_opt, estimator)
+
+        # Phase 3: the adapter alone, on cached features, with the best prompt (free).
+        if adapter is not None and adapter_opt is not None:
+            best = self.state.best
+            assert best.text_features is not None and best.theta is not None
+            theta.data.copy_(best.theta)
+            self._train_adapter(adapter, adapter_opt, data, best.text_features, plan, stop_requested)
+        elif adapter is not None:  # untrainable adapter: still compare it on validation
+            assert self.state.best.text_features is not None
+            self._select(plan.steps, theta.detach(), self.state.best.text_features, adapter, data, math.nan)
+
+    # -- steps --------------------------------------------------------------------------------
+    def _sample_batch(self, data: Data) -> tuple[torch.Tensor, torch.Tensor]:
+        n, views = data.train.shape[0], data.train.shape[1]
+        size = min(self.cfg.batch_size, n)
+        idx = torch.randperm(n, generator=self.batch_generator)[:size]
+        view = torch.randint(0, views, (size,), generator=self.batch_generator)
+        return data.train[idx, view], data.train_labels[idx]
+
+    def _adapter_step(
+        self, adapter: nn.Module, opt: torch.optim.Optimizer, images: torch.Tensor, labels: torch.Tensor, texts: torch.Tensor
+    ) -> float:
+        adapter.train()
+        opt.zero_grad()
+        loss = F.cross_entropy(logits_of(adapter, images, texts, self.scale), labels)
+        loss.backward()  # type: ignore[no-untyped-call]
+        opt.step()
+        adapter.eval()
+        return loss.item()
+
+    def _train_adapter(
+        self,
+        adapter: nn.Module,
+        opt: torch.optim.Optimizer,
+        data: Data,
+        texts: torch.Tensor,
+        plan: Plan,
+        stop_requested: Callable[[], bool],
+    ) -> None:
+        steps_per_epoch = max(1, math.ceil(data.train.shape[0] * data.train.shape[1] / self.cfg.batch_size))
+        while self.state.adapter_epoch < self.cfg.adapter_epochs:
+            for _ in range(steps_per_epoch):
+                images, labels = self._sample_batch(data)
+                self._adapter_step(adapter, opt, images, labels, texts)
+            self.state.adapter_epoch += 1
+            assert self.state.best.theta is not None
+            self._select(plan.steps + self.state.adapter_epoch, self.state.best.theta, texts, adapter, data, math.nan)
+            if stop_requested():
+                raise StopRequested
+
+    def _select(
+        self, step: int, theta: torch.Tensor, texts: torch.Tensor, adapter: nn.Module | None, data: Data, train_loss: float
+    ) -> None:
+        """Validation-based model selection (never the test split)."""
+        acc, loss = accuracy_and_loss(adapter, data.val, data.val_labels, texts, self.scale)
+        point = self._point(step, acc, train_loss)
+        self.state.curve.append(point)
+        if self.progress is not None:
+            self.progress(point)
+        if self.state.best.improves(acc, loss):
+            self.state.best = Best(acc, loss, step, theta.detach().clone(), texts.clone(), _adapter_state(adapter))
+
+    def _point(self, step: int, val_accuracy: float, train_loss: float) -> dict[str, float]:
+        c = self.client.counter
+        return {
+            "step": float(step),
+            "val_accuracy": val_accuracy,
+            "train_loss": train_loss,
+            "items": float(c.items),
+            "calls": float(c.calls),
+            "loss_evaluations": float(c.loss_evaluations),
+        }
+
+    # -- the end --------------------------------------------------------------------------------
+    def _finish(
+        self, data: Data, adapter: nn.Module | None, plan: Plan, zero_val: float, zero_test: float, started: float
+    ) -> TuneResult:
+        best = self.state.best
+        assert best.theta is not None and best.text_features is not None
+        if adapter is not None and best.adapter is not None:
+            adapter.load_state_dict(best.adapter)
+        test_acc, _ = accuracy_and_loss(adapter, data.test, data.test_labels, best.text_features, self.scale)
+        artifact = Artifact(
+            context=best.theta,
+            class_names=self.classes,
+            class_text_features=best.text_features,
+            adapter_kind=self.cfg.adapter if adapter is not None else "none",
+            adapter_state=_adapter_state(adapter),
+            model_card=self.card.model_dump(),
+            config=asdict(self.cfg),
+        )
+        artifact_dir = self.out_dir / "artifact"
+        save_artifact(artifact, artifact_dir)
+        report: dict[str, object] = {
+            "method": self.cfg.method,
+            "shots": self.split.shots,
+            "seed": self.cfg.seed,
+            "model": self.card.id,
+            "classes": len(self.classes),
+            "zero_shot_val_accuracy": zero_val,
+            "zero_shot_test_accuracy": zero_test,
+            "val_accuracy": best.val_accuracy,
+            "test_accuracy": test_acc,
+            "selected_step": best.step,
+            "prompt_steps": self.state.step,
+            "adapter_epochs": self.state.adapter_epoch,
+            "stopped_reason": self.state.stopped_reason,
+            "queries": self.client.counter.as_dict(),
+            "budget": self.cfg.budget,
+            "plan": plan.as_dict(),
+            "test_images": int(data.test.shape[0]),
+            "wall_seconds": time.time() - started,
+            "config": asdict(self.cfg),
+        }
+        write_report(report, self.state.curve, self.out_dir)
+        logger.info("test accuracy %.4f (zero-shot %.4f), items %d", test_acc, zero_test, self.client.counter.items)
+        return TuneResult(report=report, artifact_dir=artifact_dir)
+
+    # -- checkpoints ----------------------------------------------------------------------------
+    def _run_id(self, resume: bool) -> str:
+        """A nonce per output folder: stable across resumes, so redone calls replay, not recharge."""
+        path = self.out_dir / RUN_FILE
+        if resume and path.exists():
+            return str(json.loads(path.read_text())["run_id"])
+        run_id = uuid.uuid4().hex
+        path.write_text(json.dumps({"run_id": run_id, "config": asdict(self.cfg)}, indent=2))
+        return run_id
+
+    def _save_checkpoint(
+        self,
+        theta: torch.Tensor,
+        prompt_opt: torch.optim.Optimizer,
+        adapter: nn.Module | None,
+        adapter_opt: torch.optim.Optimizer | None,
+        estimator: GradientEstimator,
+    ) -> None:
+        s = self.state
+        payload = {
+            "step": s.step,
+            "adapter_epoch": s.adapter_epoch,
+            "theta": theta.detach().clone(),
+            "prompt_opt": prompt_opt.state_dict(),
+            "adapter": _adapter_state(adapter),
+            "adapter_opt": adapter_opt.state_dict() if adapter_opt is not None else None,
+            "estimator": estimator.state_dict(),
+            "batch_rng": self.batch_generator.get_state(),
+            "counter": self.client.counter.as_dict(),
+            "curve": json.dumps(s.curve),
+            "best": {**{k: v for k, v in asdict(s.best).items() if k != "adapter"}, "adapter": s.best.adapter},
+            "stopped_reason": s.stopped_reason,
+            "config": json.dumps(asdict(self.cfg)),
+        }
+        tmp = self.out_dir / (CHECKPOINT_FILE + ".tmp")
+        torch.save(payload, tmp)
+        tmp.replace(self.out_dir / CHECKPOINT_FILE)  # atomic: a kill never leaves half a checkpoint
+        logger.debug("checkpoint at step %d", s.step)
+
+    def _load_checkpoint(
+        self,
+        theta: torch.Tensor,
+        prompt_opt: torch.optim.Optimizer,
+        adapter: nn.Module | None,
+        adapter_opt: torch.optim.Optimizer | None,
+        estimator: GradientEstimator,
+    ) -> None:
+        path = self.out_dir / CHECKPOINT_FILE
+        if not path.exists():
+            logger.warning("no checkpoint in %s: starting from the beginning", self.out_dir)
+            return
+        ck = torch.load(path, weights_only=True)  # never unpickles code
+        if json.loads(ck["config"]) != json.loads(json.dumps(asdict(self.cfg))):
+            raise ValueError("the checkpoint was made with a different configuration; refusing to resume")
+        s = self.state
+        s.step, s.adapter_epoch, s.stopped_reason = int(ck["step"]), int(ck["adapter_epoch"]), ck["stopped_reason"]
+        theta.data.copy_(ck["theta"])
+        prompt_opt.load_state_dict(ck["prompt_opt"])
+        if adapter is not None and ck["adapter"] is not None:
+            adapter.load_state_dict(ck["adapter"])
+        if adapter_opt is not None and ck["adapter_opt"] is not None:
+            adapter_opt.load_state_dict(ck["adapter_opt"])
+        estimator.load_state_dict(ck["estimator"])
+        self.batch_generator.set_state(ck["batch_rng"])
+        self.client.counter.load(ck["counter"])
+        s.curve = json.loads(ck["curve"])
+        s.best = Best(**ck["best"])
+        logger.info("resumed at step %d (items spent so far: %d)", s.step, self.client.counter.items)
+
+
+def _adapter_state(adapter: nn.Module | None) -> dict[str, torch.Tensor] | None:
+    if adapter is None:
+        return None
+    return {k: v.detach().clone() for k, v in adapter.state_dict().items()}
