@@ -181,7 +181,11 @@ class CbbtClient:
     ) -> None:
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self._http = httpx.Client(
-            base_url=base_url.rstrip("/"), headers=headers, timeout=timeout, limits=DEFAULT_LIMITS, transport=transport
+            base_url=base_url.rstrip("/"),
+            headers=headers,
+            timeout=timeout,
+            limits=DEFAULT_LIMITS,
+            transport=transport,
         )
         self.retry = retry
         self.counter = counter or QueryCounter()
@@ -224,7 +228,9 @@ class CbbtClient:
             self.counter.items += items
         return response_model.model_validate_json(response.content)
 
-    def _send(self, method: str, path: str, json: dict[str, Any] | None, headers: dict[str, str]) -> httpx.Response:
+    def _send(
+        self, method: str, path: str, json: dict[str, Any] | None, headers: dict[str, str]
+    ) -> httpx.Response:
         response = self._http.request(method, path, json=json, headers=headers)
         raise_for_answer(response)
         return response
@@ -246,19 +252,33 @@ class CbbtClient:
     def usage(self) -> UsageReport:
         return self.request("GET", f"{API_PREFIX}/usage", UsageReport)
 
-    def embed_images(self, images: Sequence[bytes], *, idempotency_key: str | None = None) -> npt.NDArray[np.float32]:
+    def embed_images(
+        self, images: Sequence[bytes], *, idempotency_key: str | None = None
+    ) -> npt.NDArray[np.float32]:
         """Image file bytes -> [N, D] features (one call; split large sets yourself)."""
         uris = [f"data:{_mime(b)};base64,{base64.b64encode(b).decode()}" for b in images]
         body = {"input": uris, "modality": "image", "encoding_format": "base64"}
         answer = self.request(
-            "POST", f"{API_PREFIX}/embeddings", EmbeddingResponse, json=body, items=len(uris), idempotency_key=idempotency_key
+            "POST",
+            f"{API_PREFIX}/embeddings",
+            EmbeddingResponse,
+            json=body,
+            items=len(uris),
+            idempotency_key=idempotency_key,
         )
         return _stack(answer, self.model_card().feature_dim)
 
-    def embed_texts(self, texts: Sequence[str], *, idempotency_key: str | None = None) -> npt.NDArray[np.float32]:
+    def embed_texts(
+        self, texts: Sequence[str], *, idempotency_key: str | None = None
+    ) -> npt.NDArray[np.float32]:
         body = {"input": list(texts), "encoding_format": "base64"}
         answer = self.request(
-            "POST", f"{API_PREFIX}/embeddings", EmbeddingResponse, json=body, items=len(texts), idempotency_key=idempotency_key
+            "POST",
+            f"{API_PREFIX}/embeddings",
+            EmbeddingResponse,
+            json=body,
+            items=len(texts),
+            idempotency_key=idempotency_key,
         )
         return _stack(answer, self.model_card().feature_dim)
 
@@ -274,7 +294,11 @@ class CbbtClient:
         return decode_array(answer.embedding, answer.shape)
 
     def prompt_embeddings(
-        self, prompts: npt.NDArray[np.float32], class_names: Sequence[str], *, idempotency_key: str | None = None
+        self,
+        prompts: npt.NDArray[np.float32],
+        class_names: Sequence[str],
+        *,
+        idempotency_key: str | None = None,
     ) -> npt.NDArray[np.float32]:
         """[P, M, W] soft prompts x C class names -> [P, C, D] text features.
 
@@ -306,7 +330,12 @@ class CbbtClient:
 def _stack(answer: EmbeddingResponse, dim: int) -> npt.NDArray[np.float32]:
     rows = sorted(answer.data, key=lambda d: d.index)
     return np.stack(
-        [decode_array(r.embedding, (dim,)) if isinstance(r.embedding, str) else np.asarray(r.embedding, np.float32) for r in rows]
+        [
+            decode_array(r.embedding, (dim,))
+            if isinstance(r.embedding, str)
+            else np.asarray(r.embedding, np.float32)
+            for r in rows
+        ]
     )
 
 

@@ -74,12 +74,16 @@ def save_artifact(artifact: Artifact, directory: Path) -> None:
 def load_artifact(directory: Path) -> Artifact:
     config_path, tensors_path = directory / CONFIG_FILE, directory / TENSORS_FILE
     if not config_path.is_file() or not tensors_path.is_file():
-        raise FileNotFoundError(f"{directory} is not a cbbt artifact (needs {CONFIG_FILE} and {TENSORS_FILE})")
+        raise FileNotFoundError(
+            f"{directory} is not a cbbt artifact (needs {CONFIG_FILE} and {TENSORS_FILE})"
+        )
     config = json.loads(config_path.read_text())
     if config.get("format_version") != FORMAT_VERSION:
         raise ValueError(f"unsupported artifact format {config.get('format_version')!r}")
     tensors = load_file(str(tensors_path))
-    adapter = {k.removeprefix(_ADAPTER_PREFIX): v for k, v in tensors.items() if k.startswith(_ADAPTER_PREFIX)}
+    adapter = {
+        k.removeprefix(_ADAPTER_PREFIX): v for k, v in tensors.items() if k.startswith(_ADAPTER_PREFIX)
+    }
     return Artifact(
         context=tensors["context"],
         class_names=list(config["class_names"]),

@@ -10,7 +10,7 @@ import argparse
 import json
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import fields
 from pathlib import Path
 from typing import Any
@@ -30,6 +30,14 @@ class ClientSettings(BaseSettings):
     cache_dir: Path = Path.home() / ".cache" / "cbbt"
 
 
+def _bool(text: str) -> bool:
+    if text.lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
 # Tuning flags: (flag, TuneConfig field, type, help). Defaults come from TuneConfig.
 _TUNE_FLAGS: tuple[tuple[str, str, Any, str], ...] = (
     ("--method", "method", str, f"one of {', '.join(METHODS)}"),
@@ -43,7 +51,12 @@ _TUNE_FLAGS: tuple[tuple[str, str, Any, str], ...] = (
     ("--subspace-dim", "subspace_dim", int, "estimate in a random subspace of this dimension"),
     ("--prompt-lr", "prompt_lr", float, "Adam learning rate of the prompt"),
     ("--epochs", "epochs", int, "epochs of the faithful schedule (scaled to the budget)"),
-    ("--batch-size", "batch_size", int, "images per step"),
+    ("--batch-size", "batch_size", int, "images per prompt step (0: all cached training views)"),
+    ("--optimizer", "optimizer", str, "estimator (CBBT) or a peer's: cmaes, spsa-gc, zip"),
+    ("--antithetic", "antithetic", _bool, "two-sided differences (true/false)"),
+    ("--orthogonal", "orthogonal", _bool, "orthonormal directions (true/false)"),
+    ("--history", "history", int, "directions spent on the span of recent estimates"),
+    ("--clip-sqrt-d", "clip_sqrt_d", _bool, "clip the estimate at sqrt(d) (ZIP) (true/false)"),
     ("--adapter", "adapter", str, "residual (CLIP-Adapter), tip (Tip-Adapter-F) or none"),
     ("--adapter-lr", "adapter_lr", float, "adapter learning rate"),
     ("--adapter-epochs", "adapter_epochs", int, "adapter epochs on cached features (free)"),
@@ -66,7 +79,9 @@ def _add_data(parser: argparse.ArgumentParser, *, required: bool = True) -> None
         help="fashion-mnist | digits | imagefolder:PATH | coop:SPLIT_JSON:IMAGE_ROOT",
     )
     parser.add_argument("--data-dir", type=Path, default=None, help="Fashion-MNIST idx folder")
-    parser.add_argument("--test-per-class", type=int, default=None, help="evaluate on at most N test images per class")
+    parser.add_argument(
+        "--test-per-class", type=int, default=None, help="evaluate on at most N test images per class"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -106,7 +121,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def tune_config(args: argparse.Namespace) -> TuneConfig:
     names = {f.name for f in fields(TuneConfig)}
-    overrides = {name: getattr(args, name) for _, name, _, _ in _TUNE_FLAGS if getattr(args, name, None) is not None}
+    overrides = {
+        name: getattr(args, name) for _, name, _, _ in _TUNE_FLAGS if getattr(args, name, None) is not None
+    }
     if overrides.get("method") not in (None, *METHODS):
         raise SystemExit(f"--method must be one of {', '.join(METHODS)}")
     return TuneConfig(**{k: v for k, v in overrides.items() if k in names})
@@ -114,7 +131,9 @@ def tune_config(args: argparse.Namespace) -> TuneConfig:
 
 def _settings(args: argparse.Namespace) -> ClientSettings:
     settings = ClientSettings()
-    updates = {k: getattr(args, k) for k in ("server", "api_key", "cache_dir") if getattr(args, k, None) is not None}
+    updates = {
+        k: getattr(args, k) for k in ("server", "api_key", "cache_dir") if getattr(args, k, None) is not None
+    }
     return settings.model_copy(update=updates)
 
 
@@ -125,17 +144,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request drowns the progress
     from client import commands
 
-    handler = {
+    handlers: dict[str, Callable[[argparse.Namespace, ClientSettings], int]] = {
         "tune": commands.tune,
         "eval": commands.evaluate,
         "predict": commands.predict,
         "usage": commands.usage,
-        "demo": commands.demo,
-    }[args.command]
+    }
     try:
-        return handler(args, _settings(args)) if args.command != "demo" else commands.demo(args)
+        if args.command == "demo":
+            return commands.demo(args)
+        return handlers[args.command](args, _settings(args))
     except KeyboardInterrupt:
         logger.warning("interrupted")
         return 130

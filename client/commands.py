@@ -45,7 +45,11 @@ def tune(args: argparse.Namespace, settings: ClientSettings) -> int:
     split = few_shot_split(dataset, cfg.shots, cfg.seed, max_test_per_class=args.test_per_class)
     logger.info(
         "%s: %d classes, %d train / %d val / %d test images",
-        dataset.name, len(split.class_names), len(split.train), len(split.val), len(split.test),
+        dataset.name,
+        len(split.class_names),
+        len(split.train),
+        len(split.val),
+        len(split.test),
     )
     with _client(settings) as client:
         bar = tqdm(desc="tuning", unit="step", disable=args.no_progress, dynamic_ncols=True)
@@ -95,7 +99,9 @@ def evaluate(args: argparse.Namespace, settings: ClientSettings) -> int:
     with _client(settings) as client:
         feats = _image_features(client, settings, test)
     labels = torch.tensor([e.label for e in test])
-    acc, loss = accuracy_and_loss(artifact.build_adapter(), feats, labels, artifact.class_text_features, artifact.logit_scale)
+    acc, loss = accuracy_and_loss(
+        artifact.build_adapter(), feats, labels, artifact.class_text_features, artifact.logit_scale
+    )
     print_json({"test_accuracy": acc, "test_loss": loss, "test_images": len(test)})
     return 0
 
@@ -106,11 +112,17 @@ def predict(args: argparse.Namespace, settings: ClientSettings) -> int:
     with _client(settings) as client:
         feats = _image_features(client, settings, examples)
     with torch.no_grad():
-        logits = logits_of(artifact.build_adapter(), feats, artifact.class_text_features, artifact.logit_scale)
+        logits = logits_of(
+            artifact.build_adapter(), feats, artifact.class_text_features, artifact.logit_scale
+        )
         probs = torch.softmax(logits, dim=-1)
     for path, row in zip(args.images, probs, strict=True):
         index = int(row.argmax())
-        print(json.dumps({"image": str(path), "label": artifact.class_names[index], "probability": float(row[index])}))
+        print(
+            json.dumps(
+                {"image": str(path), "label": artifact.class_names[index], "probability": float(row[index])}
+            )
+        )
     return 0
 
 
@@ -149,8 +161,19 @@ def build_tune_args(data: str, budget: int, out: Path) -> argparse.Namespace:
 
     return build_parser().parse_args(
         [
-            "tune", "--data", data, "--shots", "16", "--seed", "1", "--budget", str(budget),
-            "--out", str(out), "--test-per-class", str(DEMO_TEST_PER_CLASS),
+            "tune",
+            "--data",
+            data,
+            "--shots",
+            "16",
+            "--seed",
+            "1",
+            "--budget",
+            str(budget),
+            "--out",
+            str(out),
+            "--test-per-class",
+            str(DEMO_TEST_PER_CLASS),
             *(["--no-progress"] if not sys.stderr.isatty() else []),
         ]
     )

@@ -25,7 +25,9 @@ def free_port() -> int:
 
 
 class LocalServer:
-    def __init__(self, *, db: Path, port: int | None = None, log_path: Path, extra_args: tuple[str, ...] = ()) -> None:
+    def __init__(
+        self, *, db: Path, port: int | None = None, log_path: Path, extra_args: tuple[str, ...] = ()
+    ) -> None:
         self.db = db
         self.port = port or free_port()
         self.log_path = log_path
@@ -38,7 +40,9 @@ class LocalServer:
 
     def create_key(self, name: str, *, budget_items: int) -> str:
         result = subprocess.run(
-            self._server_command("keys", "create", "--db", str(self.db), "--name", name, "--budget-items", str(budget_items)),
+            self._server_command(
+                "keys", "create", "--db", str(self.db), "--name", name, "--budget-items", str(budget_items)
+            ),
             check=True,
             capture_output=True,
             text=True,
@@ -47,7 +51,9 @@ class LocalServer:
 
     def __enter__(self) -> LocalServer:
         env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-        command = self._server_command("serve", "--port", str(self.port), "--db", str(self.db), *self.extra_args)
+        command = self._server_command(
+            "serve", "--port", str(self.port), "--db", str(self.db), *self.extra_args
+        )
         logger.info("starting the model server on %s (log: %s)", self.url, self.log_path)
         self._log = self.log_path.open("wb")
         self._process = subprocess.Popen(command, stdout=self._log, stderr=subprocess.STDOUT, env=env)
@@ -59,7 +65,9 @@ class LocalServer:
         while time.monotonic() < deadline:
             assert self._process is not None
             if self._process.poll() is not None:
-                raise RuntimeError(f"the model server exited with {self._process.returncode}; see {self.log_path}")
+                raise RuntimeError(
+                    f"the model server exited with {self._process.returncode}; see {self.log_path}"
+                )
             try:
                 if httpx.get(f"{self.url}/ready", timeout=2.0).status_code == 200:
                     logger.info("model server ready")
@@ -67,9 +75,13 @@ class LocalServer:
             except httpx.TransportError:
                 pass
             time.sleep(0.5)
-        raise TimeoutError(f"the model server was not ready within {START_TIMEOUT_S:.0f} s; see {self.log_path}")
+        raise TimeoutError(
+            f"the model server was not ready within {START_TIMEOUT_S:.0f} s; see {self.log_path}"
+        )
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         if self._process is not None and self._process.poll() is None:
             self._process.terminate()
             try:

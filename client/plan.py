@@ -52,7 +52,8 @@ class Plan:
         lines = [
             f"features: {self.feature_items} items; initial prompt: {self.init_items} items",
             f"prompt steps: {self.steps} x {self.items_per_step} items = {self.prompt_items} items",
-            f"planned total: {self.total_items} items" + (f" of a {self.budget} budget" if self.budget else ""),
+            f"planned total: {self.total_items} items"
+            + (f" of a {self.budget} budget" if self.budget else ""),
         ]
         if self.scaled:
             lines.append(

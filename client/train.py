@@ -24,7 +24,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -32,11 +31,12 @@ from torch import nn
 from client.adapters import ResidualAdapter, TipAdapter, clip_logits
 from client.api import CbbtClient, QuotaExhausted
 from client.artifact import Artifact, save_artifact
-from client.data import FewShotSplit
-from client.estimators import EstimatorConfig, GradientEstimator
+from client.data import Example, FewShotSplit
+from client.estimators import EstimatorConfig
 from client.features import FeatureStore
 from client.plan import Plan, make_plan
 from client.report import write_report
+from client.steppers import Oracle, PromptStepper, cosine_with_warmup, make_stepper, points_per_step
 
 logger = logging.getLogger(__name__)
 
@@ -61,11 +61,15 @@ class TuneConfig:
     mu: float | None = None
     clip_norm: float | None = 5.0
     subspace_dim: int | None = None
+    orthogonal: bool = False
+    history: int = 0
+    clip_sqrt_d: bool = False
+    optimizer: str = "estimator"  # or a peer's: cmaes, spsa-gc, zip (see client.steppers)
     prompt_lr: float = 2e-3
     prompt_weight_decay: float = 5e-4
     warmup_lr: float = 1e-5
     epochs: int = 150
-    batch_size: int = 32
+    batch_size: int = 32  # images per prompt step; 0 = every cached training view (no extra queries)
     # The adapter on image features.
     adapter: Literal["residual", "tip", "none"] = "residual"
     adapter_ratio: float = 0.2
@@ -73,6 +77,7 @@ class TuneConfig:
     adapter_weight_decay: float = 1e-4
     adapter_start_epoch: int = 10
     adapter_epochs: int = 100
+    adapter_batch_size: int = 32
     # Data and bookkeeping.
     views: int = 2  # cached views per training image (view 0 is the image itself)
     checkpoint_every: int = 5
@@ -92,6 +97,9 @@ class TuneConfig:
             antithetic=self.antithetic,
             clip_norm=self.clip_norm,
             subspace_dim=self.subspace_dim,
+            orthogonal=self.orthogonal,
+            history=self.history,
+            clip_sqrt_d=self.clip_sqrt_d,
         )
 
 
@@ -100,7 +108,9 @@ class TuneConfig:
 # ---------------------------------------------------------------------------------------------
 
 
-def make_adapter(cfg: TuneConfig, dim: int, train_feats: torch.Tensor, train_labels: torch.Tensor, classes: int) -> nn.Module | None:
+def make_adapter(
+    cfg: TuneConfig, dim: int, train_feats: torch.Tensor, train_labels: torch.Tensor, classes: int
+) -> nn.Module | None:
     if not cfg.uses_adapter:
         return None
     if cfg.adapter == "tip":
@@ -109,12 +119,14 @@ def make_adapter(cfg: TuneConfig, dim: int, train_feats: torch.Tensor, train_lab
     return ResidualAdapter(dim, ratio=cfg.adapter_ratio)
 
 
-def logits_of(adapter: nn.Module | None, images: torch.Tensor, texts: torch.Tensor, scale: float) -> torch.Tensor:
+def logits_of(
+    adapter: nn.Module | None, images: torch.Tensor, texts: torch.Tensor, scale: float
+) -> torch.Tensor:
     """[N, D] image features x [C, D] class text features -> [N, C] logits."""
     if adapter is None:
         return clip_logits(images, texts, scale)
     if isinstance(adapter, TipAdapter):
-        return adapter(images, clip_logits(images, texts, scale))  # type: ignore[no-any-return]
+        return adapter(images, clip_logits(images, texts, scale))
     return clip_logits(adapter(images), texts, scale)
 
 
@@ -124,14 +136,6 @@ def accuracy_and_loss(
 ) -> tuple[float, float]:
     logits = logits_of(adapter, images, texts, scale)
     return float((logits.argmax(-1) == labels).float().mean()), float(F.cross_entropy(logits, labels))
-
-
-def lr_factor(step: int, plan: Plan, cfg: TuneConfig) -> float:
-    """Warm-up at a fixed small lr, then cosine decay over the remaining steps (CBBT's schedule)."""
-    if step < plan.warmup_steps:
-        return cfg.warmup_lr / cfg.prompt_lr
-    span = max(1, plan.steps - plan.warmup_steps)
-    return 0.5 * (1.0 + math.cos(math.pi * (step - plan.warmup_steps) / span))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -172,6 +176,16 @@ class Data:
     val_labels: torch.Tensor
     test: torch.Tensor
     test_labels: torch.Tensor
+
+
+@dataclass
+class Parts:
+    """What the steps change: the prompt, its optimiser, the adapter and its optimiser."""
+
+    theta: torch.Tensor
+    stepper: PromptStepper
+    adapter: nn.Module | None
+    adapter_opt: torch.optim.Optimizer | None
 
 
 @dataclass
@@ -236,18 +250,18 @@ class Tuner:
         self.batch_generator = torch.Generator().manual_seed(cfg.seed + 1_000_003)
 
     # -- phases -------------------------------------------------------------------------------
-    def plan(self) -> Plan:
+    def plan(self, prompt_dim: int) -> Plan:
         s, cfg = self.split, self.cfg
         feature_items = self.features.missing_count(s.train, cfg.views) + self.features.missing_count(
             s.val + s.test, 1
         )
-        points = GradientEstimator(1, EstimatorConfig(directions=cfg.directions, antithetic=cfg.antithetic), torch.Generator()).points_per_step if cfg.tunes_prompt else 1
+        points = points_per_step(cfg.optimizer, prompt_dim, cfg.estimator_config()) if cfg.tunes_prompt else 1
         return make_plan(
             feature_items=feature_items,
             num_classes=len(self.classes),
             points_per_step=points,
             train_images=len(s.train),
-            batch_size=cfg.batch_size,
+            batch_size=cfg.batch_size if cfg.batch_size > 0 else len(s.train),
             epochs=cfg.epochs,
             adapter_start_epoch=cfg.adapter_start_epoch if cfg.method == "cbbt" else 0,
             budget=cfg.budget,
@@ -257,7 +271,7 @@ class Tuner:
     def fetch_features(self) -> Data:
         s = self.split
 
-        def labels(examples: list) -> torch.Tensor:  # type: ignore[type-arg]
+        def labels(examples: list[Example]) -> torch.Tensor:
             return torch.tensor([e.label for e in examples], dtype=torch.long)
 
         train = torch.from_numpy(self.features.features(s.train, self.cfg.views))
@@ -273,127 +287,124 @@ class Tuner:
         self.client.counter.loss_evaluations += thetas.shape[0]
         return torch.from_numpy(out)
 
+    def oracle(
+        self,
+        shape: torch.Size,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        adapter: nn.Module | None,
+        key: str,
+    ) -> Oracle:
+        """One step's loss oracle: every point in one logical call, losses on this batch."""
+
+        def evaluate(points: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            texts = self.text_features(points.reshape(-1, *shape), key)
+            with torch.no_grad():
+                losses = [F.cross_entropy(logits_of(adapter, images, t, self.scale), labels) for t in texts]
+            return torch.stack(losses), texts
+
+        return evaluate
+
     # -- main ---------------------------------------------------------------------------------
     def run(self, *, resume: bool = False) -> TuneResult:
         started = time.time()
         cfg = self.cfg
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.state = TuneState(run_id=self._run_id(resume))
-        plan = self.plan()
+        theta0 = torch.from_numpy(self.client.token_embeddings(cfg.init_text)).float()
+        plan = self.plan(theta0.numel())
         logger.info("plan:\n%s", plan.describe())
         data = self.fetch_features()
 
-        theta0 = torch.from_numpy(self.client.token_embeddings(cfg.init_text)).float()
-        theta = theta0.clone().requires_grad_(cfg.tunes_prompt)
         text0 = self.text_features(theta0.unsqueeze(0), "init")[0]
         zero_val, _ = accuracy_and_loss(None, data.val, data.val_labels, text0, self.scale)
         zero_test, _ = accuracy_and_loss(None, data.test, data.test_labels, text0, self.scale)
         logger.info("zero-shot: val %.3f, test %.3f", zero_val, zero_test)
 
+        theta = theta0.clone()
         adapter = make_adapter(cfg, self.card.feature_dim, data.train, data.train_labels, len(self.classes))
-        prompt_opt = torch.optim.AdamW([theta], lr=cfg.prompt_lr, weight_decay=cfg.prompt_weight_decay)
         adapter_opt = (
             torch.optim.AdamW(adapter.parameters(), lr=cfg.adapter_lr, weight_decay=cfg.adapter_weight_decay)
             if adapter is not None and any(p.requires_grad for p in adapter.parameters())
             else None
         )
-        estimator = GradientEstimator(theta.numel(), cfg.estimator_config(), self.generator)
+        stepper = make_stepper(
+            cfg.optimizer,
+            theta0,
+            self.generator,
+            estimator=cfg.estimator_config(),
+            lr=cfg.prompt_lr,
+            weight_decay=cfg.prompt_weight_decay,
+            lr_at=cosine_with_warmup(plan.steps, plan.warmup_steps, cfg.prompt_lr, cfg.warmup_lr),
+        )
         self.state.best = Best(zero_val, math.inf, 0, theta0.clone(), text0, _adapter_state(adapter))
         self.state.curve.append(self._point(0, zero_val, math.nan))
-
+        parts = Parts(theta, stepper, adapter, adapter_opt)
         if resume:
-            self._load_checkpoint(theta, prompt_opt, adapter, adapter_opt, estimator)
-
-        def batch_loss_fn(
-            batch_images: torch.Tensor, batch_labels: torch.Tensor, key: str
-        ) -> tuple[Callable[[torch.Tensor], torch.Tensor], dict[str, torch.Tensor]]:
-            """The oracle of one step: all points in one request; keeps the base point's features."""
-            captured: dict[str, torch.Tensor] = {}
-
-            def loss_fn(points: torch.Tensor) -> torch.Tensor:
-                texts = self.text_features(points.reshape(-1, *theta.shape), key)
-                captured["base"] = texts[0]
-                with torch.no_grad():
-                    return torch.stack(
-                        [F.cross_entropy(logits_of(adapter, batch_images, t, self.scale), batch_labels) for t in texts]
-                    )
-
-            return loss_fn, captured
+            self._load_checkpoint(parts)
 
         with stop_on_signals() as stop_requested:
             try:
-                self._tune(plan, data, theta, prompt_opt, adapter, adapter_opt, estimator, batch_loss_fn, stop_requested)
+                self._tune(plan, data, parts, stop_requested)
             except StopRequested:
-                self._save_checkpoint(theta, prompt_opt, adapter, adapter_opt, estimator)
+                self._save_checkpoint(parts)
                 raise
-        return self._finish(data, adapter, plan, zero_val, zero_test, started)
+        return self._finish(data, parts.adapter, plan, zero_val, zero_test, started)
 
-    def _tune(
-        self,
-        plan: Plan,
-        data: Data,
-        theta: torch.Tensor,
-        prompt_opt: torch.optim.Optimizer,
-        adapter: nn.Module | None,
-        adapter_opt: torch.optim.Optimizer | None,
-        estimator: GradientEstimator,
-        batch_loss_fn: Callable[..., tuple[Callable[[torch.Tensor], torch.Tensor], dict[str, torch.Tensor]]],
-        stop_requested: Callable[[], bool],
-    ) -> None:
-        cfg = self.cfg
+    def _tune(self, plan: Plan, data: Data, parts: Parts, stop_requested: Callable[[], bool]) -> None:
+        cfg, adapter, adapter_opt = self.cfg, parts.adapter, parts.adapter_opt
         # Phase 1+2: prompt steps (prompt-only first, then prompt + adapter).
         while self.state.step < plan.steps and self.state.stopped_reason is None:
             step = self.state.step
             if cfg.budget is not None and self.client.counter.items + plan.items_per_step > cfg.budget:
                 self.state.stopped_reason = "budget"
                 break
-            images, labels = self._sample_batch(data)
-            loss_fn, captured = batch_loss_fn(images, labels, f"step{step}")
-            for group in prompt_opt.param_groups:
-                group["lr"] = cfg.prompt_lr * lr_factor(step, plan, cfg)
+            images, labels = self._sample_batch(data, cfg.batch_size)
+            oracle = self.oracle(parts.theta.shape, images, labels, adapter, f"step{step}")
             try:
-                estimate = estimator.step(theta.detach(), loss_fn)
+                outcome = parts.stepper.step(step, parts.theta, oracle)
             except QuotaExhausted:
                 logger.warning("the server reports the key's budget exhausted: stopping prompt tuning")
                 self.state.stopped_reason = "server quota"
                 break
-            base_text = captured["base"]
-            self._select(step, theta.detach(), base_text, adapter, data, estimate.loss)
-            theta.grad = estimate.grad.to(theta.dtype)
-            prompt_opt.step()
+            self._select(step, parts.theta, outcome.base_text, adapter, data, outcome.loss)
             if adapter_opt is not None and adapter is not None and step >= plan.adapter_start_step:
-                self._adapter_step(adapter, adapter_opt, images, labels, base_text)
+                self._adapter_step(adapter, adapter_opt, images, labels, outcome.base_text)
+            parts.theta = outcome.theta.reshape(parts.theta.shape).float()
             self.state.step = step + 1
             if stop_requested():
                 raise StopRequested
             if self.state.step % cfg.checkpoint_every == 0:
-                self._save_checkpoint(theta, prompt_opt, adapter, adapter_opt, estimator)
+                self._save_checkpoint(parts)
 
         # Phase 3: the adapter alone, on cached features, with the best prompt (free).
+        best = self.state.best
+        assert best.text_features is not None and best.theta is not None
         if adapter is not None and adapter_opt is not None:
-            best = self.state.best
-            assert best.text_features is not None and best.theta is not None
-            theta.data.copy_(best.theta)
             self._train_adapter(adapter, adapter_opt, data, best.text_features, plan, stop_requested)
-        elif adapter is not None:  # untrainable adapter: still compare it on validation
-            assert self.state.best.text_features is not None
-            self._select(plan.steps, theta.detach(), self.state.best.text_features, adapter, data, math.nan)
 
     # -- steps --------------------------------------------------------------------------------
-    def _sample_batch(self, data: Data) -> tuple[torch.Tensor, torch.Tensor]:
+    def _sample_batch(self, data: Data, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
         n, views = data.train.shape[0], data.train.shape[1]
-        size = min(self.cfg.batch_size, n)
+        if batch_size <= 0:  # full batch: every cached view (costs no queries)
+            return data.train.reshape(n * views, -1), data.train_labels.repeat_interleave(views)
+        size = min(batch_size, n)
         idx = torch.randperm(n, generator=self.batch_generator)[:size]
         view = torch.randint(0, views, (size,), generator=self.batch_generator)
         return data.train[idx, view], data.train_labels[idx]
 
     def _adapter_step(
-        self, adapter: nn.Module, opt: torch.optim.Optimizer, images: torch.Tensor, labels: torch.Tensor, texts: torch.Tensor
+        self,
+        adapter: nn.Module,
+        opt: torch.optim.Optimizer,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        texts: torch.Tensor,
     ) -> float:
         adapter.train()
         opt.zero_grad()
         loss = F.cross_entropy(logits_of(adapter, images, texts, self.scale), labels)
-        loss.backward()  # type: ignore[no-untyped-call]
+        loss.backward()
         opt.step()
         adapter.eval()
         return loss.item()
@@ -407,19 +418,28 @@ class Tuner:
         plan: Plan,
         stop_requested: Callable[[], bool],
     ) -> None:
-        steps_per_epoch = max(1, math.ceil(data.train.shape[0] * data.train.shape[1] / self.cfg.batch_size))
+        size = self.cfg.adapter_batch_size
+        steps_per_epoch = max(1, math.ceil(data.train.shape[0] * data.train.shape[1] / size))
         while self.state.adapter_epoch < self.cfg.adapter_epochs:
             for _ in range(steps_per_epoch):
-                images, labels = self._sample_batch(data)
+                images, labels = self._sample_batch(data, size)
                 self._adapter_step(adapter, opt, images, labels, texts)
             self.state.adapter_epoch += 1
             assert self.state.best.theta is not None
-            self._select(plan.steps + self.state.adapter_epoch, self.state.best.theta, texts, adapter, data, math.nan)
+            self._select(
+                plan.steps + self.state.adapter_epoch, self.state.best.theta, texts, adapter, data, math.nan
+            )
             if stop_requested():
                 raise StopRequested
 
     def _select(
-        self, step: int, theta: torch.Tensor, texts: torch.Tensor, adapter: nn.Module | None, data: Data, train_loss: float
+        self,
+        step: int,
+        theta: torch.Tensor,
+        texts: torch.Tensor,
+        adapter: nn.Module | None,
+        data: Data,
+        train_loss: float,
     ) -> None:
         """Validation-based model selection (never the test split)."""
         acc, loss = accuracy_and_loss(adapter, data.val, data.val_labels, texts, self.scale)
@@ -428,7 +448,9 @@ class Tuner:
         if self.progress is not None:
             self.progress(point)
         if self.state.best.improves(acc, loss):
-            self.state.best = Best(acc, loss, step, theta.detach().clone(), texts.clone(), _adapter_state(adapter))
+            self.state.best = Best(
+                acc, loss, step, theta.detach().clone(), texts.clone(), _adapter_state(adapter)
+            )
 
     def _point(self, step: int, val_accuracy: float, train_loss: float) -> dict[str, float]:
         c = self.client.counter
@@ -443,7 +465,13 @@ class Tuner:
 
     # -- the end --------------------------------------------------------------------------------
     def _finish(
-        self, data: Data, adapter: nn.Module | None, plan: Plan, zero_val: float, zero_test: float, started: float
+        self,
+        data: Data,
+        adapter: nn.Module | None,
+        plan: Plan,
+        zero_val: float,
+        zero_test: float,
+        started: float,
     ) -> TuneResult:
         best = self.state.best
         assert best.theta is not None and best.text_features is not None
@@ -483,7 +511,9 @@ class Tuner:
             "config": asdict(self.cfg),
         }
         write_report(report, self.state.curve, self.out_dir)
-        logger.info("test accuracy %.4f (zero-shot %.4f), items %d", test_acc, zero_test, self.client.counter.items)
+        logger.info(
+            "test accuracy %.4f (zero-shot %.4f), items %d", test_acc, zero_test, self.client.counter.items
+        )
         return TuneResult(report=report, artifact_dir=artifact_dir)
 
     # -- checkpoints ----------------------------------------------------------------------------
@@ -496,27 +526,19 @@ class Tuner:
         path.write_text(json.dumps({"run_id": run_id, "config": asdict(self.cfg)}, indent=2))
         return run_id
 
-    def _save_checkpoint(
-        self,
-        theta: torch.Tensor,
-        prompt_opt: torch.optim.Optimizer,
-        adapter: nn.Module | None,
-        adapter_opt: torch.optim.Optimizer | None,
-        estimator: GradientEstimator,
-    ) -> None:
+    def _save_checkpoint(self, parts: Parts) -> None:
         s = self.state
         payload = {
             "step": s.step,
             "adapter_epoch": s.adapter_epoch,
-            "theta": theta.detach().clone(),
-            "prompt_opt": prompt_opt.state_dict(),
-            "adapter": _adapter_state(adapter),
-            "adapter_opt": adapter_opt.state_dict() if adapter_opt is not None else None,
-            "estimator": estimator.state_dict(),
+            "theta": parts.theta.detach().clone(),
+            "stepper": parts.stepper.state_dict(),
+            "adapter": _adapter_state(parts.adapter),
+            "adapter_opt": parts.adapter_opt.state_dict() if parts.adapter_opt is not None else None,
             "batch_rng": self.batch_generator.get_state(),
             "counter": self.client.counter.as_dict(),
             "curve": json.dumps(s.curve),
-            "best": {**{k: v for k, v in asdict(s.best).items() if k != "adapter"}, "adapter": s.best.adapter},
+            "best": asdict(s.best),
             "stopped_reason": s.stopped_reason,
             "config": json.dumps(asdict(self.cfg)),
         }
@@ -525,14 +547,7 @@ class Tuner:
         tmp.replace(self.out_dir / CHECKPOINT_FILE)  # atomic: a kill never leaves half a checkpoint
         logger.debug("checkpoint at step %d", s.step)
 
-    def _load_checkpoint(
-        self,
-        theta: torch.Tensor,
-        prompt_opt: torch.optim.Optimizer,
-        adapter: nn.Module | None,
-        adapter_opt: torch.optim.Optimizer | None,
-        estimator: GradientEstimator,
-    ) -> None:
+    def _load_checkpoint(self, parts: Parts) -> None:
         path = self.out_dir / CHECKPOINT_FILE
         if not path.exists():
             logger.warning("no checkpoint in %s: starting from the beginning", self.out_dir)
@@ -541,14 +556,17 @@ class Tuner:
         if json.loads(ck["config"]) != json.loads(json.dumps(asdict(self.cfg))):
             raise ValueError("the checkpoint was made with a different configuration; refusing to resume")
         s = self.state
-        s.step, s.adapter_epoch, s.stopped_reason = int(ck["step"]), int(ck["adapter_epoch"]), ck["stopped_reason"]
-        theta.data.copy_(ck["theta"])
-        prompt_opt.load_state_dict(ck["prompt_opt"])
-        if adapter is not None and ck["adapter"] is not None:
-            adapter.load_state_dict(ck["adapter"])
-        if adapter_opt is not None and ck["adapter_opt"] is not None:
-            adapter_opt.load_state_dict(ck["adapter_opt"])
-        estimator.load_state_dict(ck["estimator"])
+        s.step, s.adapter_epoch, s.stopped_reason = (
+            int(ck["step"]),
+            int(ck["adapter_epoch"]),
+            ck["stopped_reason"],
+        )
+        parts.theta = ck["theta"].clone()
+        parts.stepper.load_state_dict(ck["stepper"])
+        if parts.adapter is not None and ck["adapter"] is not None:
+            parts.adapter.load_state_dict(ck["adapter"])
+        if parts.adapter_opt is not None and ck["adapter_opt"] is not None:
+            parts.adapter_opt.load_state_dict(ck["adapter_opt"])
         self.batch_generator.set_state(ck["batch_rng"])
         self.client.counter.load(ck["counter"])
         s.curve = json.loads(ck["curve"])

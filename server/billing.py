@@ -22,7 +22,7 @@ from server.batching import Overloaded
 from server.errors import ApiError
 from server.ratelimit import RateDecision, rate_limit_headers, retry_after_headers
 from server.state import ServiceState, get_state
-from server.store.base import ApiKey, KeyNotFound, QuotaExceeded, Store, StoreUnavailable
+from server.store.base import ApiKey, KeyNotFound, QuotaExceeded, Reservation, Store, StoreUnavailable
 from shared.errors import ErrorCode
 
 logger = logging.getLogger(__name__)
@@ -171,7 +171,9 @@ async def _charged(
         raise _rate_limited(decision, key)
     store = _store(state)
     try:
-        await _store_call(state, store.reserve, key.id, charge.items, request_id, charge.endpoint)
+        reservation = await _store_call(
+            state, store.reserve, key.id, charge.items, request_id, charge.endpoint
+        )
     except QuotaExceeded as exc:
         state.limiter.refund(key.id, charge.items)
         raise ApiError(
@@ -195,9 +197,9 @@ async def _charged(
         raise
     state.metrics.items_charged.inc(charge.items)
     await _quietly(state, store.settle, request_id, 200)
-    remaining = (
-        None if key.budget_items is None else max(key.budget_items - key.spent_items - charge.items, 0)
-    )
+    # From the charge itself, not from `key` (read at authentication, stale under concurrency).
+    assert isinstance(reservation, Reservation)
+    remaining = reservation.remaining_items
     return _json_response(payload, {**headers, **rate_limit_headers(decision, remaining)})
 
 

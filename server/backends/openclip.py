@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -48,11 +49,12 @@ class OpenClipBackend(Backend):
                 name,
             )
         model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=weights, device=device)
-        self.model = model.eval()
+        # open_clip modules are duck-typed (CLIP vs CustomTextCLIP): Any keeps mypy out of nn.Module.__getattr__.
+        self.model: Any = model.eval()
         self._preprocess = preprocess
         self.tokenizer = open_clip.get_tokenizer(name)
         self.device = torch.device(device)
-        self.tower = self._text_tower(model)
+        self.tower: Any = self._text_tower(model)
         self.causal = getattr(self.tower, "attn_mask", None) is not None
         pool = getattr(self.tower, "text_pool_type", "argmax")
         if pool != "argmax" or getattr(self.tower, "cls_emb", None) is not None:
@@ -79,10 +81,10 @@ class OpenClipBackend(Backend):
 
     # -- construction helpers -------------------------------------------------------------
     @staticmethod
-    def _text_tower(model: torch.nn.Module) -> torch.nn.Module:
+    def _text_tower(model: Any) -> Any:
         text = getattr(model, "text", None)
         if text is not None and hasattr(text, "token_embedding"):
-            return text  # type: ignore[no-any-return]
+            return text
         if hasattr(model, "token_embedding"):
             return model
         raise ValueError(
@@ -94,7 +96,7 @@ class OpenClipBackend(Backend):
         return int(ids[0]), int(ids[1])
 
     @staticmethod
-    def _image_size(model: torch.nn.Module) -> int:
+    def _image_size(model: Any) -> int:
         size = getattr(model.visual, "image_size", 224)
         return int(size[0] if isinstance(size, tuple | list) else size)
 
@@ -126,7 +128,7 @@ class OpenClipBackend(Backend):
 
     # -- encoders --------------------------------------------------------------------------
     def preprocess(self, image: Image.Image) -> torch.Tensor:
-        return self._preprocess(image)  # type: ignore[no-any-return]
+        return self._preprocess(image)
 
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
         with torch.inference_mode():

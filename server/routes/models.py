@@ -16,7 +16,7 @@ router = APIRouter(tags=["models"])
 
 @router.get("/v1/models", response_model=ModelList)
 async def list_models(request: Request, _: Annotated[Caller, Depends(require_caller)]) -> ModelList:
-    _, backend, _ = ready_state(request)
+    backend = ready_state(request)[1]
     return ModelList(data=[backend.card])
 
 
@@ -24,6 +24,6 @@ async def list_models(request: Request, _: Annotated[Caller, Depends(require_cal
 async def get_model(
     model_id: str, request: Request, _: Annotated[Caller, Depends(require_caller)]
 ) -> ModelCard:
-    _, backend, _ = ready_state(request)
+    backend = ready_state(request)[1]
     check_model(model_id, backend)
     return backend.card

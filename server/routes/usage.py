@@ -24,8 +24,9 @@ async def usage(
         raise ApiError(404, ErrorCode.not_found, "usage accounting is off on this server (auth disabled)")
     state = get_state(request)
     result = await _store_call(state, _store(state).usage, caller.key.id, max(0, min(recent, 1000)))
-    key, rows = result  # type: ignore[misc]
-    assert isinstance(key, ApiKey)
+    assert isinstance(result, tuple)
+    key: ApiKey = result[0]
+    rows: list[LedgerRow] = result[1]
     return UsageReport(
         key_name=key.name,
         budget_items=key.budget_items,

@@ -114,10 +114,14 @@ class ApiKey:
 
 @dataclass(frozen=True)
 class Reservation:
+    """A charge that was made. remaining_*: the key's budget left right after it (None = unlimited)."""
+
     request_id: str
     key_id: int
     items: int
     endpoint: str
+    remaining_items: int | None = None
+    remaining_requests: int | None = None
 
 
 @dataclass(frozen=True)

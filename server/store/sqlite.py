@@ -403,7 +403,16 @@ class SqliteStore(Store):
             except sqlite3.IntegrityError as exc:
                 # Rolling back also undoes the charge made just above.
                 raise StoreError(f"request id {request_id!r} was already reserved") from exc
-        return Reservation(request_id=request_id, key_id=key_id, items=items, endpoint=endpoint)
+            # Read inside the charging transaction: the budget left after exactly this charge.
+            key = _row_to_key(self._find_key_row(conn, key_id))
+        return Reservation(
+            request_id=request_id,
+            key_id=key_id,
+            items=items,
+            endpoint=endpoint,
+            remaining_items=key.remaining_items,
+            remaining_requests=key.remaining_requests,
+        )
 
     def _refusal(self, conn: sqlite3.Connection, key_id: int, items: int) -> StoreError:
         """Why the conditional charge matched no row: unknown, revoked, or out of budget."""

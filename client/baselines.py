@@ -1,0 +1,359 @@
+"""Zero-prompt-query baselines on the service's features (method.md §5: LFA, Tip-Adapter, probes).
+
+These methods never tune a prompt. They pay, through the same `CbbtClient` and the same
+`QueryCounter` as the tuner, for what they use from the API:
+- the image features of the few-shot training views, the validation and the test images
+  (through the shared `FeatureStore`, so cached features are free, exactly as for `Tuner`);
+- one prompt evaluation: the C class text features of a fixed text template,
+  `"a photo of a {class}."` (plain text, `/v1/embeddings`; no soft prompt needed).
+Everything else is local work on the returned features. Hyperparameters and checkpoints are
+chosen on the validation split only; the test split is scored once, at the end.
+
+- `linear-probe`: `LinearProbe` (logistic regression on the training views' features), its
+  weight decay picked on validation from a small grid. Ignores the text features.
+- `lfa`: an LFA-style linear map W (D × D) from image features onto the text features of their
+  classes, logits = scale · cos(f·W, text). Initialised by orthogonal Procrustes
+  (W₀ = U·Vᵀ from the SVD of Xᵀ·Y, X = training features, Y = their class text features),
+  shrunk toward the identity (W = I + s·(W₀ − I), s picked on validation: LFA's "β-Procrustes"),
+  then refined briefly by Adam on the training cross-entropy with a penalty ‖W − W_init‖²
+  (in place of LFA's re-ranking loss; simpler, and it keeps W near its closed-form start);
+  the refinement step is picked on validation.
+- `tip-adapter`: the training-free cache model (keys = training features averaged over views),
+  α and β searched on validation with `search_alpha_beta`.
+- `tip-adapter-f`: the same cache with trainable keys, fine-tuned locally with AdamW on all
+  training views (Tip-Adapter-F's recipe: lr 1e-3, cosine decay, 20 epochs), the epoch picked on
+  validation, then α, β searched on validation again.
+
+`run_feature_baseline` returns the same report fields as `Tuner` (`val_accuracy`,
+`test_accuracy`, `zero_shot_test_accuracy`, `queries`, `wall_seconds`, ...) and writes
+`report.json` and `curve.json` (validation accuracy against items) into its output folder.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from client.adapters import LinearProbe, TipAdapter, clip_logits, search_alpha_beta
+from client.api import CbbtClient
+from client.data import Example, FewShotSplit
+from client.features import FeatureStore
+from client.plan import BudgetTooSmall
+from client.report import write_report
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "DEFAULT_TEMPLATE",
+    "FEATURE_METHODS",
+    "FeatureConfig",
+    "FeatureData",
+    "run_feature_baseline",
+]
+
+FEATURE_METHODS: tuple[str, ...] = ("linear-probe", "lfa", "tip-adapter", "tip-adapter-f")
+DEFAULT_TEMPLATE = "a photo of a {}."
+
+
+@dataclass(frozen=True)
+class FeatureConfig:
+    """One feature-baseline run. Grids are data; defaults follow the methods' papers."""
+
+    method: str
+    shots: int = 16
+    seed: int = 1
+    budget: int | None = None  # items; refuse to start if features + text cannot be paid
+    views: int = 2  # cached views per training image, as for the tuner
+    template: str = DEFAULT_TEMPLATE
+    # Linear probe: weight decay grid (L2 on the weights of the multinomial regression).
+    probe_weight_decays: tuple[float, ...] = (1e-4, 1e-3, 1e-2, 1e-1)
+    # LFA: shrinkage toward the identity, then a short refinement.
+    lfa_shrinks: tuple[float, ...] = (0.25, 0.5, 0.75, 1.0)
+    lfa_steps: int = 150
+    lfa_lr: float = 5e-4
+    lfa_anchor: float = 1e-2  # weight of ‖W − W_init‖² (summed over entries)
+    lfa_eval_every: int = 10
+    # Tip-Adapter-F.
+    tip_epochs: int = 20
+    tip_lr: float = 1e-3
+    tip_batch_size: int = 256
+    extra: dict[str, object] = field(default_factory=dict)  # free-form notes kept in the report
+
+    def __post_init__(self) -> None:
+        if self.method not in FEATURE_METHODS:
+            raise ValueError(f"unknown feature method {self.method!r}; one of {', '.join(FEATURE_METHODS)}")
+
+
+@dataclass
+class FeatureData:
+    """Features as tensors: train [N, V, D], val [Nv, D], test [Nt, D], class texts [C, D]."""
+
+    train: torch.Tensor
+    train_labels: torch.Tensor
+    val: torch.Tensor
+    val_labels: torch.Tensor
+    test: torch.Tensor
+    test_labels: torch.Tensor
+    text: torch.Tensor
+
+    @property
+    def flat_train(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every cached view as its own training sample: [N·V, D] and [N·V]."""
+        n, views, dim = self.train.shape
+        return self.train.reshape(n * views, dim), self.train_labels.repeat_interleave(views)
+
+
+# A fitted classifier: image features [N, D] -> logits [N, C].
+Classifier = Callable[[torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class Fit:
+    classifier: Classifier
+    val_accuracy: float
+    val_loss: float
+    selected: dict[str, object]
+
+
+def _score(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, float]:
+    return float((logits.argmax(-1) == labels).float().mean()), float(F.cross_entropy(logits, labels))
+
+
+def _better(candidate: tuple[float, float], best: tuple[float, float]) -> bool:
+    """Validation accuracy first, validation loss as the tie-break (as the tuner selects)."""
+    return (candidate[0], -candidate[1]) > (best[0], -best[1])
+
+
+# ---------------------------------------------------------------------------------------------
+# The four methods. Each sees features only and selects on validation only.
+# ---------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def fit_linear_probe(cfg: FeatureConfig, data: FeatureData, classes: int) -> Fit:
+    x, y = data.flat_train
+    best: Fit | None = None
+    for weight_decay in cfg.probe_weight_decays:
+        probe = LinearProbe(x.shape[1], classes, weight_decay=weight_decay).fit(x, y)
+        acc, loss = _score(probe.predict_logits(data.val), data.val_labels)
+        logger.debug("linear probe wd=%g: val %.4f", weight_decay, acc)
+        if best is None or _better((acc, loss), (best.val_accuracy, best.val_loss)):
+            best = Fit(probe.predict_logits, acc, loss, {"weight_decay": weight_decay})
+    assert best is not None
+    return best
+
+
+def procrustes(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """The orthogonal W minimising ‖x·W − y‖_F: U·Vᵀ from the SVD of xᵀ·y (float64)."""
+    u, _, vh = torch.linalg.svd(x.double().T @ y.double())
+    return (u @ vh).float()
+
+
+def fit_lfa(cfg: FeatureConfig, data: FeatureData, scale: float, seed: int) -> Fit:
+    x, y = data.flat_train
+    x = F.normalize(x, dim=-1)
+    text = F.normalize(data.text, dim=-1)
+    dim = x.shape[1]
+    w0 = procrustes(x, text[y])
+    eye = torch.eye(dim)
+
+    def logits(w: torch.Tensor, feats: torch.Tensor) -> torch.Tensor:
+        return clip_logits(F.normalize(feats, dim=-1) @ w, text, scale)
+
+    # 1. β-Procrustes: the shrinkage toward the identity, on validation.
+    best_s, best_score = 0.0, _score(logits(eye, data.val), data.val_labels)  # s = 0: zero-shot
+    with torch.no_grad():
+        for s in cfg.lfa_shrinks:
+            score = _score(logits(eye + s * (w0 - eye), data.val), data.val_labels)
+            if _better(score, best_score):
+                best_s, best_score = s, score
+    w_init = eye + best_s * (w0 - eye)
+
+    # 2. A short refinement by exact local gradients, the step picked on validation.
+    torch.manual_seed(seed)
+    w = w_init.clone().requires_grad_(True)
+    opt = torch.optim.Adam([w], lr=cfg.lfa_lr)
+    best_w, best_step = w_init.clone(), 0
+    for step in range(1, cfg.lfa_steps + 1):
+        with torch.enable_grad():
+            opt.zero_grad()
+            loss = F.cross_entropy(logits(w, x), y) + cfg.lfa_anchor * (w - w_init).pow(2).sum()
+            loss.backward()  # type: ignore[no-untyped-call]
+            opt.step()
+        if step % cfg.lfa_eval_every == 0 or step == cfg.lfa_steps:
+            with torch.no_grad():
+                score = _score(logits(w, data.val), data.val_labels)
+            if _better(score, best_score):
+                best_score, best_w, best_step = score, w.detach().clone(), step
+    final = best_w
+    return Fit(
+        lambda feats: logits(final, feats),
+        best_score[0],
+        best_score[1],
+        {"shrink": best_s, "refine_step": best_step, "refine_steps": cfg.lfa_steps},
+    )
+
+
+def _tip_cache(data: FeatureData, classes: int, *, trainable: bool) -> TipAdapter:
+    keys = F.normalize(data.train.mean(dim=1), dim=-1)  # average the cached views per image
+    return TipAdapter(keys, data.train_labels, classes, trainable_keys=trainable)
+
+
+def _tip_classifier(adapter: TipAdapter, text: torch.Tensor, scale: float) -> Classifier:
+    def classify(feats: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return adapter(feats, clip_logits(feats, text, scale))  # type: ignore[no-any-return]
+
+    return classify
+
+
+@torch.no_grad()
+def fit_tip_adapter(data: FeatureData, classes: int, scale: float) -> Fit:
+    adapter = _tip_cache(data, classes, trainable=False)
+    found = search_alpha_beta(adapter, data.val, data.val_labels, clip_logits(data.val, data.text, scale))
+    adapter.alpha, adapter.beta = found.alpha, found.beta
+    classify = _tip_classifier(adapter, data.text, scale)
+    acc, loss = _score(classify(data.val), data.val_labels)
+    return Fit(classify, acc, loss, {"alpha": found.alpha, "beta": found.beta})
+
+
+def fit_tip_adapter_f(cfg: FeatureConfig, data: FeatureData, classes: int, scale: float, seed: int) -> Fit:
+    adapter = _tip_cache(data, classes, trainable=True)
+    val_zero = clip_logits(data.val, data.text, scale)
+    start = search_alpha_beta(adapter, data.val, data.val_labels, val_zero)
+    adapter.alpha, adapter.beta = start.alpha, start.beta
+    x, y = data.flat_train
+    zero_train = clip_logits(x, data.text, scale)
+    generator = torch.Generator().manual_seed(seed)
+    opt = torch.optim.AdamW(adapter.parameters(), lr=cfg.tip_lr, eps=1e-4)
+    steps_per_epoch = max(1, math.ceil(x.shape[0] / cfg.tip_batch_size))
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, cfg.tip_epochs * steps_per_epoch)
+    best_keys = adapter.keys.detach().clone()
+    best_epoch = 0
+    with torch.no_grad():
+        best_score = _score(adapter(data.val, val_zero), data.val_labels)
+    for epoch in range(1, cfg.tip_epochs + 1):
+        order = torch.randperm(x.shape[0], generator=generator)
+        for start_at in range(0, x.shape[0], cfg.tip_batch_size):
+            idx = order[start_at : start_at + cfg.tip_batch_size]
+            with torch.enable_grad():
+                opt.zero_grad()
+                loss = F.cross_entropy(adapter(x[idx], zero_train[idx]), y[idx])
+                loss.backward()  # type: ignore[no-untyped-call]
+                opt.step()
+            sched.step()
+        with torch.no_grad():
+            score = _score(adapter(data.val, val_zero), data.val_labels)
+        if _better(score, best_score):
+            best_score, best_keys, best_epoch = score, adapter.keys.detach().clone(), epoch
+    with torch.no_grad():
+        adapter.keys.copy_(best_keys)
+    found = search_alpha_beta(adapter, data.val, data.val_labels, val_zero)
+    adapter.alpha, adapter.beta = found.alpha, found.beta
+    classify = _tip_classifier(adapter, data.text, scale)
+    acc, loss = _score(classify(data.val), data.val_labels)
+    return Fit(
+        classify,
+        acc,
+        loss,
+        {"alpha": found.alpha, "beta": found.beta, "epoch": best_epoch, "epochs": cfg.tip_epochs},
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# The run: features and text through the API (counted), fit locally, test once.
+# ---------------------------------------------------------------------------------------------
+
+
+def _labels(examples: list[Example]) -> torch.Tensor:
+    return torch.tensor([e.label for e in examples], dtype=torch.long)
+
+
+def feature_items_needed(features: FeatureStore, split: FewShotSplit, views: int) -> int:
+    """Image features this run would pay for now (the cached ones are free)."""
+    return features.missing_count(split.train, views) + features.missing_count(split.val + split.test, 1)
+
+
+def run_feature_baseline(
+    client: CbbtClient, features: FeatureStore, split: FewShotSplit, cfg: FeatureConfig, out_dir: Path
+) -> dict[str, object]:
+    started = time.time()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    card = client.model_card()
+    classes = list(split.class_names)
+    feature_items = feature_items_needed(features, split, cfg.views)
+    fixed = feature_items + len(classes)
+    if cfg.budget is not None and fixed > cfg.budget:
+        raise BudgetTooSmall(
+            f"a budget of {cfg.budget} items cannot pay for the image features and the class texts "
+            f"({feature_items} + {len(classes)} = {fixed} items)"
+        )
+    counter = client.counter
+    train = torch.from_numpy(features.features(split.train, cfg.views))
+    val = torch.from_numpy(features.features(split.val, 1))[:, 0]
+    test = torch.from_numpy(features.features(split.test, 1))[:, 0]
+    texts = [cfg.template.format(name) for name in classes]
+    text = torch.from_numpy(client.embed_texts(texts))
+    counter.loss_evaluations += 1  # one "prompt evaluation": the template for all C classes
+    data = FeatureData(
+        train, _labels(split.train), val, _labels(split.val), test, _labels(split.test), text
+    )
+    scale = card.logit_scale
+
+    zero_val, _ = _score(clip_logits(data.val, text, scale), data.val_labels)
+    zero_test, _ = _score(clip_logits(data.test, text, scale), data.test_labels)
+    logger.info("%s: zero-shot (template) val %.3f, test %.3f", cfg.method, zero_val, zero_test)
+
+    if cfg.method == "linear-probe":
+        fit = fit_linear_probe(cfg, data, len(classes))
+    elif cfg.method == "lfa":
+        fit = fit_lfa(cfg, data, scale, cfg.seed)
+    elif cfg.method == "tip-adapter":
+        fit = fit_tip_adapter(data, len(classes), scale)
+    else:
+        fit = fit_tip_adapter_f(cfg, data, len(classes), scale, cfg.seed)
+    with torch.no_grad():
+        test_accuracy, _ = _score(fit.classifier(data.test), data.test_labels)
+    logger.info(
+        "%s: val %.4f, test %.4f (zero-shot %.4f), items %d, selected %s",
+        cfg.method,
+        fit.val_accuracy,
+        test_accuracy,
+        zero_test,
+        counter.items,
+        fit.selected,
+    )
+    items = float(counter.items)
+    point = {"calls": float(counter.calls), "loss_evaluations": float(counter.loss_evaluations)}
+    curve = [
+        {"step": 0.0, "val_accuracy": zero_val, "train_loss": math.nan, "items": items, **point},
+        {"step": 1.0, "val_accuracy": fit.val_accuracy, "train_loss": math.nan, "items": items, **point},
+    ]
+    report: dict[str, object] = {
+        "method": cfg.method,
+        "shots": split.shots,
+        "seed": cfg.seed,
+        "model": card.id,
+        "classes": len(classes),
+        "zero_shot_val_accuracy": zero_val,
+        "zero_shot_test_accuracy": zero_test,
+        "val_accuracy": fit.val_accuracy,
+        "val_loss": fit.val_loss,
+        "test_accuracy": test_accuracy,
+        "selected": fit.selected,
+        "queries": counter.as_dict(),
+        "feature_items_charged": feature_items,
+        "budget": cfg.budget,
+        "test_images": int(data.test.shape[0]),
+        "wall_seconds": time.time() - started,
+        "config": asdict(cfg),
+    }
+    write_report(report, curve, out_dir)
+    return report

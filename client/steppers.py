@@ -1,0 +1,185 @@
+"""Prompt steppers: one prompt update per step, from ONE batched oracle call.
+
+The tuning loop needs, from every black-box optimiser, the same three things: the new
+prompt, the loss it reports, and the class text features at the current prompt (for
+validation-based selection and for the adapter's exact gradient step). `EstimatedGradient`
+is CBBT's estimator + Adam; `Baseline` wraps any `ZerothOrderOptimizer` (CMA-ES, SPSA-GC,
+ZIP) and appends the current prompt to its population in the same request, so every method
+pays for its base-point evaluation the same way and is selected on validation the same way.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+from client.estimators import (
+    CmaesConfig,
+    CmaesOptimizer,
+    EstimatorConfig,
+    GradientEstimator,
+    SpsaGcConfig,
+    SpsaGcOptimizer,
+    ZerothOrderOptimizer,
+    ZipConfig,
+    ZipOptimizer,
+)
+
+# points [P, d] -> (losses [P], text features [P, C, D])
+Oracle = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+@dataclass(frozen=True)
+class StepOutcome:
+    theta: torch.Tensor  # the prompt after the update
+    loss: float  # the training loss reported by the optimiser
+    base_text: torch.Tensor  # [C, D] text features at the prompt *before* the update
+
+
+class PromptStepper(Protocol):
+    @property
+    def points_per_step(self) -> int: ...
+
+    def step(self, index: int, theta: torch.Tensor, oracle: Oracle) -> StepOutcome: ...
+
+    def state_dict(self) -> dict[str, object]: ...
+
+    def load_state_dict(self, state: dict[str, object]) -> None: ...
+
+
+def _capturing(
+    oracle: Oracle, keep: dict[str, torch.Tensor], base_row: int
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    def loss_fn(points: torch.Tensor) -> torch.Tensor:
+        losses, texts = oracle(points)
+        keep["base"] = texts[base_row]
+        return losses
+
+    return loss_fn
+
+
+class EstimatedGradient:
+    """CBBT: a random-direction gradient estimate, written into θ.grad, then an AdamW step.
+
+    The learning rate follows `lr_at(step)` (warm-up then cosine, set by the loop's plan).
+    """
+
+    def __init__(
+        self,
+        theta: torch.Tensor,
+        config: EstimatorConfig,
+        generator: torch.Generator,
+        *,
+        lr: float,
+        weight_decay: float,
+        lr_at: Callable[[int], float],
+    ) -> None:
+        self.param = theta.detach().clone().requires_grad_(True)
+        self.estimator = GradientEstimator(theta.numel(), config, generator)
+        self.optimizer = torch.optim.AdamW([self.param], lr=lr, weight_decay=weight_decay)
+        self.lr_at = lr_at
+
+    @property
+    def points_per_step(self) -> int:
+        return self.estimator.points_per_step
+
+    def step(self, index: int, theta: torch.Tensor, oracle: Oracle) -> StepOutcome:
+        keep: dict[str, torch.Tensor] = {}
+        self.param.data.copy_(theta)
+        estimate = self.estimator.step(self.param.detach(), _capturing(oracle, keep, base_row=0))
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.lr_at(index)
+        self.param.grad = estimate.grad.to(self.param.dtype)
+        self.optimizer.step()
+        return StepOutcome(self.param.detach().clone(), estimate.loss, keep["base"])
+
+    def state_dict(self) -> dict[str, object]:
+        return {"estimator": self.estimator.state_dict(), "optimizer": self.optimizer.state_dict()}
+
+    def load_state_dict(self, state: dict[str, object]) -> None:
+        self.estimator.load_state_dict(state["estimator"])  # type: ignore[arg-type]
+        self.optimizer.load_state_dict(state["optimizer"])  # type: ignore[arg-type]
+
+
+class Baseline:
+    """A peer's zeroth-order optimiser; the current θ rides along as the last point of the call."""
+
+    def __init__(self, optimizer: ZerothOrderOptimizer) -> None:
+        self.optimizer = optimizer
+
+    @property
+    def points_per_step(self) -> int:
+        return self.optimizer.points_per_step + 1
+
+    def step(self, index: int, theta: torch.Tensor, oracle: Oracle) -> StepOutcome:
+        keep: dict[str, torch.Tensor] = {}
+        flat = theta.detach().reshape(1, -1)
+
+        def with_base(points: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            losses, texts = oracle(torch.cat([points, flat.to(points.dtype)]))
+            keep["base"] = texts[-1]
+            return losses[:-1], texts[:-1]
+
+        result = self.optimizer.step(theta.detach(), lambda pts: with_base(pts)[0])
+        return StepOutcome(result.theta.detach().clone(), result.loss, keep["base"])
+
+    def state_dict(self) -> dict[str, object]:
+        return {"optimizer": self.optimizer.state_dict()}
+
+    def load_state_dict(self, state: dict[str, object]) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])  # type: ignore[arg-type]
+
+
+OPTIMIZERS = ("estimator", "cmaes", "spsa-gc", "zip")
+
+
+def make_stepper(
+    name: str,
+    theta: torch.Tensor,
+    generator: torch.Generator,
+    *,
+    estimator: EstimatorConfig,
+    lr: float,
+    weight_decay: float,
+    lr_at: Callable[[int], float],
+) -> PromptStepper:
+    dim = theta.numel()
+    if name == "estimator":
+        return EstimatedGradient(theta, estimator, generator, lr=lr, weight_decay=weight_decay, lr_at=lr_at)
+    if name == "cmaes":
+        return Baseline(CmaesOptimizer(dim, CmaesConfig(), generator))
+    if name == "spsa-gc":
+        return Baseline(SpsaGcOptimizer(dim, SpsaGcConfig(), generator))
+    if name == "zip":
+        return Baseline(ZipOptimizer(dim, ZipConfig(), generator))
+    raise ValueError(f"unknown optimizer {name!r}; one of {', '.join(OPTIMIZERS)}")
+
+
+def points_per_step(name: str, dim: int, estimator: EstimatorConfig) -> int:
+    """Cost of one step in loss evaluations, without building the optimiser's state."""
+    if name == "estimator":
+        return 1 + (2 if estimator.antithetic else 1) * estimator.directions
+    stepper = make_stepper(
+        name,
+        torch.zeros(dim),
+        torch.Generator().manual_seed(0),
+        estimator=estimator,
+        lr=1.0,
+        weight_decay=0.0,
+        lr_at=lambda _: 1.0,
+    )
+    return stepper.points_per_step
+
+
+def cosine_with_warmup(steps: int, warmup: int, lr: float, warmup_lr: float) -> Callable[[int], float]:
+    def lr_at(step: int) -> float:
+        if step < warmup:
+            return warmup_lr
+        span = max(1, steps - warmup)
+        return lr * 0.5 * (1.0 + math.cos(math.pi * (step - warmup) / span))
+
+    return lr_at

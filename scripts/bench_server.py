@@ -1,0 +1,446 @@
+#!/usr/bin/env python
+"""Benchmark: items/s through the HTTP API against the same backend called in-process.
+
+A benchmark, not a test: it measures, in one run on one machine,
+- in-process: this process loads the backend and calls `encode_prompts` / `encode_images`
+  directly at the server's model batch size (images go PIL -> `preprocess` -> `encode_images`);
+- HTTP: `--concurrency` asyncio clients post fixed-size requests to a real server subprocess
+  (`/v1/prompt-embeddings` with base64 contexts, `/v1/embeddings` with JPEG data URIs),
+  once with `--no-auth` and once with an API key (the accounting overhead).
+The three measurements alternate within every round (in-process, HTTP no-auth, HTTP auth, per
+traffic type) so that drift of the machine affects them alike; the table reports the mean
+over rounds and writes it into docs/benchmarks.md between marker comments.
+
+Caveat printed with the results: the load-generating client runs on the same cores as the
+server, so the HTTP figures include the client's CPU use; the in-process figures do not.
+
+    python scripts/bench_server.py                       # default model, ~2-3 minutes
+    python scripts/bench_server.py --model cbbt-tiny     # the tiny random-init model
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import datetime as dt
+import io
+import json
+import os
+import platform
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+import httpx  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from server.backends.base import Backend, PromptItem  # noqa: E402
+from server.backends.registry import create_backend  # noqa: E402
+from shared.arrays import encode_array  # noqa: E402
+
+DEFAULT_MODEL = "devise-effnet-minilm"
+BEGIN = "<!-- bench_server:begin -->"
+END = "<!-- bench_server:end -->"
+BUDGET = 10**12
+CLASS_NAMES = ["cat", "dog", "cup of coffee", "rocket", "astronaut", "car", "tree", "pizza"]
+
+
+# -- the server subprocess ---------------------------------------------------------------
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass
+class Server:
+    """`cbbt-server serve` on loopback; `key` is None when auth is off."""
+
+    args: list[str]
+    db: Path
+    auth: bool
+    log: Path
+    port: int = field(default_factory=_free_port)
+    key: str | None = None
+    process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+        if self.auth:
+            create = [
+                "keys",
+                "create",
+                "--db",
+                str(self.db),
+                "--name",
+                "bench",
+                "--budget-items",
+                "10" + "0" * 12,
+            ]
+            self.key = subprocess.run(
+                [sys.executable, "-m", "server.cli", *create],
+                cwd=REPO_ROOT,
+                env=env,
+                capture_output=True,
+                text=True,
+                check=True,
+            ).stdout.strip()
+        cmd = [sys.executable, "-m", "server.cli", "serve", "--port", str(self.port), "--db", str(self.db)]
+        cmd += self.args + ([] if self.auth else ["--no-auth"]) + ["--log-level", "warning"]
+        with self.log.open("ab") as log:
+            self.process = subprocess.Popen(
+                cmd, cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            )
+
+    def wait_ready(self, timeout_s: float = 180.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.process is None or self.process.poll() is not None:
+                raise RuntimeError(f"server exited early; log:\n{self.log.read_text()[-3000:]}")
+            try:
+                if httpx.get(f"{self.url}/ready", timeout=2.0).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.25)
+        raise RuntimeError(f"server not ready in {timeout_s} s; log:\n{self.log.read_text()[-3000:]}")
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.process = None
+
+    @property
+    def headers(self) -> dict[str, str]:
+        base = {"content-type": "application/json"}
+        return base | ({"authorization": f"Bearer {self.key}"} if self.key else {})
+
+
+# -- workloads ---------------------------------------------------------------------------
+def _photos(count: int, size: int) -> list[Image.Image]:
+    """Real photos from scikit-image (no download), centre-cropped and resized to size x size."""
+    from skimage import data
+
+    names = ["chelsea", "coffee", "astronaut", "rocket", "cat", "motorcycle_left", "immunohistochemistry"]
+    images = []
+    for name in names:
+        try:
+            pixels = getattr(data, name)()
+        except Exception:  # a photo this scikit-image lacks
+            continue
+        image = Image.fromarray(np.asarray(pixels)).convert("RGB")
+        side = min(image.size)
+        left, top = (image.width - side) // 2, (image.height - side) // 2
+        images.append(image.crop((left, top, left + side, top + side)).resize((size, size)))
+    return [images[i % len(images)] for i in range(count)]
+
+
+def _jpeg_data_uri(image: Image.Image) -> str:
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=90)
+    return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+@dataclass
+class Traffic:
+    """One kind of traffic: a pre-encoded HTTP request and the equivalent in-process call."""
+
+    name: str
+    path: str
+    body: bytes
+    items_per_request: int
+    inprocess: Callable[[], torch.Tensor]
+    items_per_call: int
+    description: str
+
+
+def build_traffic(backend: Backend, args: argparse.Namespace) -> list[Traffic]:
+    rng = np.random.default_rng(0)
+    _, phrase = backend.token_embeddings("a photo of a")
+    base_ctx = phrase.numpy()
+    classes = CLASS_NAMES[: args.prompt_classes]
+    n_prompts = args.prompt_items // len(classes)
+
+    def contexts(count: int) -> list[np.ndarray]:
+        return [
+            (base_ctx + 0.01 * rng.standard_normal(base_ctx.shape)).astype(np.float32) for _ in range(count)
+        ]
+
+    request_contexts = contexts(n_prompts)
+    prompt_body = json.dumps(
+        {"prompts": [encode_array(c) for c in request_contexts], "class_names": classes}
+    ).encode()
+    batch_contexts = [torch.from_numpy(c) for c in contexts(max(1, args.batch // len(classes)))]
+    prompt_items = [PromptItem(c, name) for c in batch_contexts for name in classes][: args.batch]
+
+    photos = _photos(max(args.image_items, args.batch), args.image_size)
+    image_body = json.dumps(
+        {"input": [_jpeg_data_uri(im) for im in photos[: args.image_items]], "modality": "image"}
+    ).encode()
+    batch_photos = photos[: args.batch]
+
+    def encode_images() -> torch.Tensor:
+        return backend.encode_images(torch.stack([backend.preprocess(im) for im in batch_photos]))
+
+    return [
+        Traffic(
+            name="prompt-embeddings",
+            path="/v1/prompt-embeddings",
+            body=prompt_body,
+            items_per_request=n_prompts * len(classes),
+            inprocess=lambda: backend.encode_prompts(prompt_items),
+            items_per_call=len(prompt_items),
+            description=(
+                f"{n_prompts} prompts x {len(classes)} classes = {n_prompts * len(classes)} items/request, "
+                f"{base_ctx.shape[0]} context vectors each, base64 in and out"
+            ),
+        ),
+        Traffic(
+            name="image-embeddings",
+            path="/v1/embeddings",
+            body=image_body,
+            items_per_request=args.image_items,
+            inprocess=encode_images,
+            items_per_call=len(batch_photos),
+            description=(
+                f"{args.image_items} JPEG data URIs ({args.image_size}x{args.image_size}) per request; "
+                "in-process starts from decoded PIL images (preprocess + encode)"
+            ),
+        ),
+    ]
+
+
+# -- measurements ------------------------------------------------------------------------
+def measure_inprocess(traffic: Traffic, duration_s: float) -> float:
+    traffic.inprocess()  # warm
+    items, started = 0, time.perf_counter()
+    while time.perf_counter() - started < duration_s:
+        traffic.inprocess()
+        items += traffic.items_per_call
+    return items / (time.perf_counter() - started)
+
+
+async def _http_run(server: Server, traffic: Traffic, duration_s: float, concurrency: int) -> float:
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(
+        base_url=server.url, headers=server.headers, timeout=300, limits=limits
+    ) as client:
+
+        async def one() -> None:
+            response = await client.post(traffic.path, content=traffic.body)
+            if response.status_code != 200:
+                raise RuntimeError(f"{traffic.path}: {response.status_code} {response.text[:300]}")
+
+        await asyncio.gather(*(one() for _ in range(concurrency)))  # warm connections and batches
+        deadline = time.perf_counter() + duration_s
+        done = 0
+
+        async def worker() -> None:
+            nonlocal done
+            while time.perf_counter() < deadline:
+                await one()
+                done += traffic.items_per_request
+
+        started = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        return done / (time.perf_counter() - started)
+
+
+def measure_http(server: Server, traffic: Traffic, duration_s: float, concurrency: int) -> float:
+    return asyncio.run(_http_run(server, traffic, duration_s, concurrency))
+
+
+def check_equivalence(server: Server, backend: Backend, traffic: list[Traffic]) -> None:
+    """The server answers what the in-process backend computes (a sanity check, not timed)."""
+    prompt = next(t for t in traffic if t.name == "prompt-embeddings")
+    body = json.loads(prompt.body)
+    response = httpx.post(
+        f"{server.url}{prompt.path}", content=prompt.body, headers=server.headers, timeout=120
+    ).json()
+    from shared.arrays import decode_array
+
+    served = decode_array(response["embeddings"], response["shape"])
+    contexts = [torch.from_numpy(decode_array(p, width=backend.card.token_width)) for p in body["prompts"]]
+    local = backend.encode_prompts([PromptItem(c, n) for c in contexts for n in body["class_names"]])
+    if not np.allclose(served.reshape(local.shape), local.numpy(), atol=1e-4):
+        raise RuntimeError("served prompt features differ from the in-process backend")
+
+
+# -- report ------------------------------------------------------------------------------
+def machine_lines(threads: int) -> list[str]:
+    return [
+        f"- machine: `{' '.join(platform.uname())}`",
+        f"- CPUs (nproc): {os.cpu_count()}; torch threads: {threads} (server `--threads` and in-process)",
+        f"- python {platform.python_version()}, torch {torch.__version__}",
+    ]
+
+
+def render(args: argparse.Namespace, command: str, results: list[dict[str, object]], notes: list[str]) -> str:
+    lines = [
+        BEGIN,
+        "## HTTP vs in-process throughput (`scripts/bench_server.py`)",
+        "",
+        f"- date: {dt.datetime.now(dt.UTC).strftime('%Y-%m-%d %H:%M UTC')}",
+        f"- command: `{command}`",
+        *machine_lines(args.threads),
+        f"- server: `--batch-max-items {args.batch} --batch-max-wait-ms {args.batch_wait_ms} "
+        f"--threads {args.threads}`; in-process batch size {args.batch}",
+        f"- HTTP load: {args.concurrency} concurrent httpx AsyncClient tasks in one process, "
+        f"{args.rounds} rounds x {args.duration:g} s per measurement, alternated; mean over rounds",
+        "- the client runs on the same cores as the server: the HTTP columns pay for the load "
+        "generator's CPU too, the in-process column does not",
+        "",
+        "| model | traffic | in-process items/s | HTTP no-auth items/s | ratio | HTTP auth items/s | ratio |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for r in results:
+        lines.append(
+            f"| {r['model']} | {r['traffic']} | {r['inprocess']:.1f} | {r['http']:.1f} | "
+            f"{r['ratio']:.2f} | {r['http_auth']:.1f} | {r['ratio_auth']:.2f} |"
+        )
+    lines += ["", "Traffic:", ""]
+    lines += [f"- {n}" for n in notes]
+    lines += ["", "Goal (issue 2): HTTP >= 0.9 x in-process.", END]
+    return "\n".join(lines) + "\n"
+
+
+def write_section(path: Path, section: str) -> None:
+    text = path.read_text() if path.exists() else "# Benchmarks\n"
+    if BEGIN in text and END in text:
+        head, rest = text.split(BEGIN, 1)
+        tail = rest.split(END, 1)[1].lstrip("\n")
+        text = head + section + ("\n" + tail if tail else "")
+    else:
+        text = text.rstrip("\n") + "\n\n" + section
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+
+
+# -- main --------------------------------------------------------------------------------
+def server_args(model: str, args: argparse.Namespace) -> list[str]:
+    flags = ["--threads", str(args.threads), "--batch-max-items", str(args.batch)]
+    flags += ["--batch-max-wait-ms", str(args.batch_wait_ms)]
+    if model != DEFAULT_MODEL:
+        flags += ["--model", model, "--pretrained", "none"]
+    return flags
+
+
+def bench_model(
+    model: str, args: argparse.Namespace, workdir: Path
+) -> tuple[list[dict[str, object]], list[str]]:
+    print(f"== {model}: loading in-process and starting two servers (no-auth, auth)", flush=True)
+    slug = model.replace("/", "_")
+    servers = [
+        Server(server_args(model, args), workdir / f"{slug}-{auth}.db", auth, workdir / f"{slug}-{auth}.log")
+        for auth in (False, True)
+    ]
+    for server in servers:
+        server.start()
+    try:
+        backend = create_backend(model, None if model == DEFAULT_MODEL else "none")
+        backend.warm_up()
+        for server in servers:
+            server.wait_ready()
+        traffic = build_traffic(backend, args)
+        if backend.card.has_semantics:  # random-init weights differ between processes
+            check_equivalence(servers[0], backend, traffic)
+        samples: dict[tuple[str, str], list[float]] = {}
+        for round_index in range(args.rounds):
+            for t in traffic:
+                runs = [
+                    ("inprocess", lambda t=t: measure_inprocess(t, args.duration)),
+                    ("http", lambda t=t: measure_http(servers[0], t, args.duration, args.concurrency)),
+                    ("http_auth", lambda t=t: measure_http(servers[1], t, args.duration, args.concurrency)),
+                ]
+                if round_index % 2:  # alternate the order between rounds
+                    runs.reverse()
+                for kind, run in runs:
+                    value = run()
+                    samples.setdefault((t.name, kind), []).append(value)
+                    print(
+                        f"   round {round_index + 1} {t.name:18s} {kind:10s} {value:9.1f} items/s", flush=True
+                    )
+        results = []
+        for t in traffic:
+            mean = {k: statistics.fmean(samples[(t.name, k)]) for k in ("inprocess", "http", "http_auth")}
+            results.append(
+                {
+                    "model": backend.card.id,
+                    "traffic": t.name,
+                    **mean,
+                    "ratio": mean["http"] / mean["inprocess"],
+                    "ratio_auth": mean["http_auth"] / mean["inprocess"],
+                }
+            )
+        notes = [f"{backend.card.id} {t.name}: {t.description}" for t in traffic]
+        return results, notes
+    finally:
+        for server in servers:
+            server.stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--model", action="append", help=f"model(s) to bench (default {DEFAULT_MODEL})")
+    parser.add_argument("--concurrency", type=int, default=8, help="concurrent HTTP clients")
+    parser.add_argument("--prompt-items", type=int, default=32, help="prompt items per request (P x C)")
+    parser.add_argument("--prompt-classes", type=int, default=8, help="C: class names per prompt request")
+    parser.add_argument("--image-items", type=int, default=8, help="images per request")
+    parser.add_argument("--image-size", type=int, default=256, help="side of the JPEGs sent")
+    parser.add_argument("--batch", type=int, default=64, help="model batch size (server and in-process)")
+    parser.add_argument("--batch-wait-ms", type=float, default=5.0, help="server --batch-max-wait-ms")
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads, both sides")
+    parser.add_argument("--duration", type=float, default=6.0, help="seconds per measurement")
+    parser.add_argument("--rounds", type=int, default=2, help="alternating rounds")
+    parser.add_argument("--output", type=Path, default=REPO_ROOT / "docs" / "benchmarks.md")
+    parser.add_argument("--no-write", action="store_true", help="print the section, do not write it")
+    args = parser.parse_args(argv)
+    models = args.model or [DEFAULT_MODEL]
+    torch.set_num_threads(args.threads)
+    command = "python scripts/bench_server.py" + (" " + " ".join(argv if argv is not None else sys.argv[1:]))
+    all_results: list[dict[str, object]] = []
+    all_notes: list[str] = []
+    with tempfile.TemporaryDirectory(prefix="cbbt-bench-") as tmp:
+        for model in models:
+            results, notes = bench_model(model, args, Path(tmp))
+            all_results += results
+            all_notes += notes
+    section = render(args, command.strip(), all_results, all_notes)
+    print()
+    print(section)
+    if not args.no_write:
+        write_section(args.output, section)
+        print(f"wrote {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
