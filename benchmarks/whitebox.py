@@ -146,7 +146,9 @@ def text_encoder(backend: Backend, class_names: Sequence[str]) -> TextEncoder:
     raise ValueError(f"no white-box forward for backend {backend.card.backend!r}")
 
 
-def check_forward(backend: Backend, encode: TextEncoder, context: torch.Tensor, classes: Sequence[str]) -> float:
+def check_forward(
+    backend: Backend, encode: TextEncoder, context: torch.Tensor, classes: Sequence[str]
+) -> float:
     """The grad-enabled forward must reproduce the served features (max abs difference)."""
     served = backend.encode_prompts([PromptItem(context, name) for name in classes])
     with torch.no_grad():
@@ -259,9 +261,13 @@ def run_coop(
         return None if module is None else {k: v.detach().clone() for k, v in module.state_dict().items()}
 
     best: dict[str, Any] = {
-        "acc": zero_val, "loss": math.inf, "step": 0, "theta": theta0.clone(), "text": text0,
+        "acc": zero_val,
+        "loss": math.inf,
+        "step": 0,
+        "theta": theta0.clone(),
+        "text": text0,
         "adapter": state_of(adapter),
-    }  # fmt: skip
+    }
     curve: list[dict[str, float]] = []
 
     def select(step: int, texts: torch.Tensor, train_loss: float) -> None:
@@ -278,12 +284,24 @@ def run_coop(
         )
         if (acc, -loss) > (best["acc"], -best["loss"]):
             best.update(
-                acc=acc, loss=loss, step=step, theta=theta.detach().clone(), text=texts.detach().clone(),
+                acc=acc,
+                loss=loss,
+                step=step,
+                theta=theta.detach().clone(),
+                text=texts.detach().clone(),
                 adapter=state_of(adapter),
-            )  # fmt: skip
+            )
 
-    curve.append({"step": 0.0, "val_accuracy": zero_val, "train_loss": math.nan, "items": float(counter.items),
-                  "calls": 0.0, "loss_evaluations": 1.0})  # fmt: skip
+    curve.append(
+        {
+            "step": 0.0,
+            "val_accuracy": zero_val,
+            "train_loss": math.nan,
+            "items": float(counter.items),
+            "calls": 0.0,
+            "loss_evaluations": 1.0,
+        }
+    )
     for step in range(steps):
         images, labels = _sample(train, y_train, cfg.batch_size, batch_gen)
         for group in prompt_opt.param_groups:
@@ -297,11 +315,11 @@ def run_coop(
         counter.items += len(classes)
         counter.loss_evaluations += 1
         loss = F.cross_entropy(logits_of(adapter, images, texts, scale), labels)
-        loss.backward()  # type: ignore[no-untyped-call]
+        loss.backward()
         if adapter is not None:
             adapter.eval()
         # Selection sees the prompt the loss was computed at (as the tuner's base point).
-        select(step, texts, float(loss))
+        select(step, texts, loss.item())
         prompt_opt.step()
         if adapter_opt is not None and step >= adapter_start:
             adapter_opt.step()
@@ -321,7 +339,7 @@ def run_coop(
                 adapter.train()
                 adapter_opt.zero_grad()
                 loss = F.cross_entropy(logits_of(adapter, images, text_best, scale), labels)
-                loss.backward()  # type: ignore[no-untyped-call]
+                loss.backward()
                 adapter_opt.step()
                 adapter.eval()
             adapter_epochs = epoch + 1
@@ -374,7 +392,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--pretrained", default=None, help="open_clip weights (a local file)")
     parser.add_argument("--cache", type=Path, required=True, help="the client's feature cache (SQLite)")
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--threads", type=int, default=None, help="torch threads")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads (1: the text batches are tiny; 0: torch's choice)",
+    )
     parser.add_argument(
         "--config-json", default="{}", help="TuneConfig overrides as JSON (method defaults to cbbt)"
     )

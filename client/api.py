@@ -282,13 +282,14 @@ class CbbtClient:
         )
         return _stack(answer, self.model_card().feature_dim)
 
-    def token_embeddings(self, text: str) -> npt.NDArray[np.float32]:
+    def token_embeddings(self, text: str, *, idempotency_key: str | None = None) -> npt.NDArray[np.float32]:
         answer = self.request(
             "POST",
             f"{API_PREFIX}/token-embeddings",
             TokenEmbeddingResponse,
             json={"text": text, "encoding_format": "base64"},
             items=1,
+            idempotency_key=idempotency_key,
         )
         assert isinstance(answer.embedding, str)
         return decode_array(answer.embedding, answer.shape)

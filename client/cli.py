@@ -17,7 +17,12 @@ from typing import Any
 
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from client.train import METHODS, TuneConfig
+from client.plan import BudgetTooSmall
+from client.train import ESTIMATOR_PRESETS, METHODS, TuneConfig
+from client.train import tune_config as make_tune_config
+
+# The estimator preset `cbbt tune` uses unless told otherwise.
+DEFAULT_ESTIMATOR = "faithful"
 
 logger = logging.getLogger("cbbt")
 
@@ -41,6 +46,7 @@ def _bool(text: str) -> bool:
 # Tuning flags: (flag, TuneConfig field, type, help). Defaults come from TuneConfig.
 _TUNE_FLAGS: tuple[tuple[str, str, Any, str], ...] = (
     ("--method", "method", str, f"one of {', '.join(METHODS)}"),
+    ("--estimator", "estimator", str, f"prompt estimator preset: {', '.join(ESTIMATOR_PRESETS)}"),
     ("--shots", "shots", int, "training images per class"),
     ("--seed", "seed", int, "seed of the few-shot draw and of the run"),
     ("--budget", "budget", int, "hard cap on items (images + text sequences) this run may spend"),
@@ -116,6 +122,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--budget", type=int, default=None, help="items (default: the demo's own budget)")
     demo.add_argument("--port", type=int, default=None)
     demo.add_argument("--data", default="fashion-mnist")
+
+    from client.bench import add_bench_parser  # here: client.bench imports this module
+
+    add_bench_parser(sub)
     return parser
 
 
@@ -126,7 +136,11 @@ def tune_config(args: argparse.Namespace) -> TuneConfig:
     }
     if overrides.get("method") not in (None, *METHODS):
         raise SystemExit(f"--method must be one of {', '.join(METHODS)}")
-    return TuneConfig(**{k: v for k, v in overrides.items() if k in names})
+    estimator = str(overrides.pop("estimator", DEFAULT_ESTIMATOR))
+    try:
+        return make_tune_config(estimator, **{k: v for k, v in overrides.items() if k in names})
+    except ValueError as exc:
+        raise SystemExit(str(exc)) from exc
 
 
 def _settings(args: argparse.Namespace) -> ClientSettings:
@@ -145,18 +159,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         stream=sys.stderr,
     )
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request drowns the progress
-    from client import commands
+    from client import bench, commands
 
     handlers: dict[str, Callable[[argparse.Namespace, ClientSettings], int]] = {
         "tune": commands.tune,
         "eval": commands.evaluate,
         "predict": commands.predict,
         "usage": commands.usage,
+        "bench": bench.command,
     }
     try:
         if args.command == "demo":
             return commands.demo(args)
         return handlers[args.command](args, _settings(args))
+    except BudgetTooSmall as exc:  # refused before anything was spent: a message, not a traceback
+        logger.error("%s", exc)
+        return 2
     except KeyboardInterrupt:
         logger.warning("interrupted")
         return 130

@@ -51,6 +51,7 @@ class TuneConfig:
     """Defaults are CBBT's released hyperparameters (method.md §2-3)."""
 
     method: Method = "cbbt"
+    estimator: str = "faithful"  # the preset the prompt settings came from (see ESTIMATOR_PRESETS)
     shots: int = 16
     seed: int = 1
     budget: int | None = None  # items; a hard cap
@@ -101,6 +102,31 @@ class TuneConfig:
             history=self.history,
             clip_sqrt_d=self.clip_sqrt_d,
         )
+
+
+# Named settings of the prompt estimator: configs as data. `faithful` is CBBT's released
+# estimator (TuneConfig's defaults); `fast` is cbbt's own (docs/benchmarks.md measures both).
+ESTIMATOR_PRESETS: dict[str, dict[str, object]] = {
+    "faithful": {},
+    "fast": {
+        # Evaluate every perturbed prompt on ALL cached training views: image features are
+        # local, so a bigger batch costs no queries and removes mini-batch noise.
+        "batch_size": 0,
+        # Few antithetic, orthogonal directions per step, many more steps for the same items.
+        "directions": 4,
+        "antithetic": True,
+        "orthogonal": True,
+        # Fewer, noisier steps than the faithful schedule's 750 need a larger step.
+        "prompt_lr": 5e-2,
+    },
+}
+
+
+def tune_config(estimator: str = "faithful", **overrides: object) -> TuneConfig:
+    """A TuneConfig from a named estimator preset, with explicit settings on top."""
+    if estimator not in ESTIMATOR_PRESETS:
+        raise ValueError(f"unknown estimator preset {estimator!r}; one of {', '.join(ESTIMATOR_PRESETS)}")
+    return TuneConfig(**{**ESTIMATOR_PRESETS[estimator], **overrides, "estimator": estimator})  # type: ignore[arg-type]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -250,12 +276,20 @@ class Tuner:
         self.batch_generator = torch.Generator().manual_seed(cfg.seed + 1_000_003)
 
     # -- phases -------------------------------------------------------------------------------
-    def plan(self, prompt_dim: int) -> Plan:
+    def feature_items(self) -> int:
+        """Items the image features still cost (cached ones are free)."""
         s, cfg = self.split, self.cfg
-        feature_items = self.features.missing_count(s.train, cfg.views) + self.features.missing_count(
-            s.val + s.test, 1
-        )
-        points = points_per_step(cfg.optimizer, prompt_dim, cfg.estimator_config()) if cfg.tunes_prompt else 1
+        train = self.features.missing_count(s.train, cfg.views)
+        return train + self.features.missing_count(s.val + s.test, 1)
+
+    def plan(self, prompt_dim: int | None, feature_items: int) -> Plan:
+        """The schedule. Without `prompt_dim` (unknown before the first query) it only checks
+        that the budget pays for the features and the initial prompt (BudgetTooSmall if not)."""
+        s, cfg = self.split, self.cfg
+        tunes_prompt = cfg.tunes_prompt and prompt_dim is not None
+        points = 1
+        if cfg.tunes_prompt and prompt_dim is not None:
+            points = points_per_step(cfg.optimizer, prompt_dim, cfg.estimator_config())
         return make_plan(
             feature_items=feature_items,
             num_classes=len(self.classes),
@@ -265,7 +299,7 @@ class Tuner:
             epochs=cfg.epochs,
             adapter_start_epoch=cfg.adapter_start_epoch if cfg.method == "cbbt" else 0,
             budget=cfg.budget,
-            tunes_prompt=cfg.tunes_prompt,
+            tunes_prompt=tunes_prompt,
         )
 
     def fetch_features(self) -> Data:
@@ -310,9 +344,12 @@ class Tuner:
         started = time.time()
         cfg = self.cfg
         self.out_dir.mkdir(parents=True, exist_ok=True)
+        feature_items = self.feature_items()
+        self.plan(None, feature_items)  # a budget that cannot pay for the features: stop before paying
         self.state = TuneState(run_id=self._run_id(resume))
-        theta0 = torch.from_numpy(self.client.token_embeddings(cfg.init_text)).float()
-        plan = self.plan(theta0.numel())
+        tokens = self.client.token_embeddings(cfg.init_text, idempotency_key=f"{self.state.run_id}/tokens")
+        theta0 = torch.from_numpy(tokens).float()
+        plan = self._fixed_plan(self.plan(theta0.numel(), feature_items), resume)
         logger.info("plan:\n%s", plan.describe())
         data = self.fetch_features()
 
@@ -525,6 +562,17 @@ class Tuner:
         run_id = uuid.uuid4().hex
         path.write_text(json.dumps({"run_id": run_id, "config": asdict(self.cfg)}, indent=2))
         return run_id
+
+    def _fixed_plan(self, plan: Plan, resume: bool) -> Plan:
+        """The plan made when the run started: a resumed run finds its features cached, and
+        re-planning would hand it a different schedule (and a different result)."""
+        path = self.out_dir / RUN_FILE
+        run = json.loads(path.read_text())
+        if resume and "plan" in run:
+            return Plan(**run["plan"])
+        run["plan"] = asdict(plan)
+        path.write_text(json.dumps(run, indent=2))
+        return plan
 
     def _save_checkpoint(self, parts: Parts) -> None:
         s = self.state

@@ -237,16 +237,30 @@ def build_traffic(backend: Backend, args: argparse.Namespace) -> list[Traffic]:
 
 
 # -- measurements ------------------------------------------------------------------------
-def measure_inprocess(traffic: Traffic, duration_s: float) -> float:
+@dataclass(frozen=True)
+class Sample:
+    items_per_s: float
+    cpu_ms_per_item: float  # CPU time of the process doing the work (server or this one)
+
+
+def _process_cpu_s(pid: int) -> float:
+    """utime + stime of a process (all its threads), from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def measure_inprocess(traffic: Traffic, duration_s: float) -> Sample:
     traffic.inprocess()  # warm
-    items, started = 0, time.perf_counter()
+    items, started, cpu = 0, time.perf_counter(), time.process_time()
     while time.perf_counter() - started < duration_s:
         traffic.inprocess()
         items += traffic.items_per_call
-    return items / (time.perf_counter() - started)
+    elapsed, cpu = time.perf_counter() - started, time.process_time() - cpu
+    return Sample(items / elapsed, 1000 * cpu / items)
 
 
-async def _http_run(server: Server, traffic: Traffic, duration_s: float, concurrency: int) -> float:
+async def _http_run(server: Server, traffic: Traffic, duration_s: float, concurrency: int) -> Sample:
+    assert server.process is not None
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     async with httpx.AsyncClient(
         base_url=server.url, headers=server.headers, timeout=300, limits=limits
@@ -267,12 +281,13 @@ async def _http_run(server: Server, traffic: Traffic, duration_s: float, concurr
                 await one()
                 done += traffic.items_per_request
 
-        started = time.perf_counter()
+        started, cpu = time.perf_counter(), _process_cpu_s(server.process.pid)
         await asyncio.gather(*(worker() for _ in range(concurrency)))
-        return done / (time.perf_counter() - started)
+        elapsed, cpu = time.perf_counter() - started, _process_cpu_s(server.process.pid) - cpu
+        return Sample(done / elapsed, 1000 * cpu / done)
 
 
-def measure_http(server: Server, traffic: Traffic, duration_s: float, concurrency: int) -> float:
+def measure_http(server: Server, traffic: Traffic, duration_s: float, concurrency: int) -> Sample:
     return asyncio.run(_http_run(server, traffic, duration_s, concurrency))
 
 
@@ -293,6 +308,25 @@ def check_equivalence(server: Server, backend: Backend, traffic: list[Traffic]) 
 
 
 # -- report ------------------------------------------------------------------------------
+KINDS = ("inprocess", "http", "http_auth")
+
+
+@dataclass
+class Result:
+    model: str
+    traffic: str
+    samples: dict[str, list[Sample]]
+
+    def rate(self, kind: str) -> float:
+        return statistics.fmean(s.items_per_s for s in self.samples[kind])
+
+    def cpu(self, kind: str) -> float:
+        return statistics.fmean(s.cpu_ms_per_item for s in self.samples[kind])
+
+    def ratio(self, kind: str) -> float:
+        return self.rate(kind) / self.rate("inprocess")
+
+
 def machine_lines(threads: int) -> list[str]:
     return [
         f"- machine: `{' '.join(platform.uname())}`",
@@ -301,7 +335,10 @@ def machine_lines(threads: int) -> list[str]:
     ]
 
 
-def render(args: argparse.Namespace, command: str, results: list[dict[str, object]], notes: list[str]) -> str:
+def render(
+    args: argparse.Namespace, command: str, results: list[Result], notes: list[str], loads: list[float]
+) -> str:
+    busy = max(loads) > 0.5 * (os.cpu_count() or 1)
     lines = [
         BEGIN,
         "## HTTP vs in-process throughput (`scripts/bench_server.py`)",
@@ -309,7 +346,9 @@ def render(args: argparse.Namespace, command: str, results: list[dict[str, objec
         f"- date: {dt.datetime.now(dt.UTC).strftime('%Y-%m-%d %H:%M UTC')}",
         f"- command: `{command}`",
         *machine_lines(args.threads),
-        f"- server: `--batch-max-items {args.batch} --batch-max-wait-ms {args.batch_wait_ms} "
+        f"- 1-minute load average before / after the run: {loads[0]:.2f} / {loads[-1]:.2f}"
+        + (" (**the machine was busy with other work: treat the figures as rough**)" if busy else ""),
+        f"- server: `--batch-max-items {args.batch} --batch-max-wait-ms {args.batch_wait_ms:g} "
         f"--threads {args.threads}`; in-process batch size {args.batch}",
         f"- HTTP load: {args.concurrency} concurrent httpx AsyncClient tasks in one process, "
         f"{args.rounds} rounds x {args.duration:g} s per measurement, alternated; mean over rounds",
@@ -321,8 +360,21 @@ def render(args: argparse.Namespace, command: str, results: list[dict[str, objec
     ]
     for r in results:
         lines.append(
-            f"| {r['model']} | {r['traffic']} | {r['inprocess']:.1f} | {r['http']:.1f} | "
-            f"{r['ratio']:.2f} | {r['http_auth']:.1f} | {r['ratio_auth']:.2f} |"
+            f"| {r.model} | {r.traffic} | {r.rate('inprocess'):.1f} | {r.rate('http'):.1f} | "
+            f"{r.ratio('http'):.2f} | {r.rate('http_auth'):.1f} | {r.ratio('http_auth'):.2f} |"
+        )
+    lines += [
+        "",
+        "CPU time per item of the process doing the work (this process in-process; the server process "
+        "over HTTP, the client excluded), in ms:",
+        "",
+        "| model | traffic | in-process | HTTP no-auth | HTTP auth |",
+        "|---|---|---:|---:|---:|",
+    ]
+    for r in results:
+        lines.append(
+            f"| {r.model} | {r.traffic} | {r.cpu('inprocess'):.2f} | {r.cpu('http'):.2f} | "
+            f"{r.cpu('http_auth'):.2f} |"
         )
     lines += ["", "Traffic:", ""]
     lines += [f"- {n}" for n in notes]
@@ -351,9 +403,7 @@ def server_args(model: str, args: argparse.Namespace) -> list[str]:
     return flags
 
 
-def bench_model(
-    model: str, args: argparse.Namespace, workdir: Path
-) -> tuple[list[dict[str, object]], list[str]]:
+def bench_model(model: str, args: argparse.Namespace, workdir: Path) -> tuple[list[Result], list[str]]:
     print(f"== {model}: loading in-process and starting two servers (no-auth, auth)", flush=True)
     slug = model.replace("/", "_")
     servers = [
@@ -370,9 +420,9 @@ def bench_model(
         traffic = build_traffic(backend, args)
         if backend.card.has_semantics:  # random-init weights differ between processes
             check_equivalence(servers[0], backend, traffic)
-        samples: dict[tuple[str, str], list[float]] = {}
+        results = [Result(backend.card.id, t.name, {k: [] for k in KINDS}) for t in traffic]
         for round_index in range(args.rounds):
-            for t in traffic:
+            for t, result in zip(traffic, results, strict=True):
                 runs = [
                     ("inprocess", lambda t=t: measure_inprocess(t, args.duration)),
                     ("http", lambda t=t: measure_http(servers[0], t, args.duration, args.concurrency)),
@@ -381,23 +431,13 @@ def bench_model(
                 if round_index % 2:  # alternate the order between rounds
                     runs.reverse()
                 for kind, run in runs:
-                    value = run()
-                    samples.setdefault((t.name, kind), []).append(value)
+                    sample = run()
+                    result.samples[kind].append(sample)
                     print(
-                        f"   round {round_index + 1} {t.name:18s} {kind:10s} {value:9.1f} items/s", flush=True
+                        f"   round {round_index + 1} {t.name:18s} {kind:10s} "
+                        f"{sample.items_per_s:9.1f} items/s {sample.cpu_ms_per_item:7.2f} CPU ms/item",
+                        flush=True,
                     )
-        results = []
-        for t in traffic:
-            mean = {k: statistics.fmean(samples[(t.name, k)]) for k in ("inprocess", "http", "http_auth")}
-            results.append(
-                {
-                    "model": backend.card.id,
-                    "traffic": t.name,
-                    **mean,
-                    "ratio": mean["http"] / mean["inprocess"],
-                    "ratio_auth": mean["http_auth"] / mean["inprocess"],
-                }
-            )
         notes = [f"{backend.card.id} {t.name}: {t.description}" for t in traffic]
         return results, notes
     finally:
@@ -426,14 +466,16 @@ def main(argv: list[str] | None = None) -> int:
     models = args.model or [DEFAULT_MODEL]
     torch.set_num_threads(args.threads)
     command = "python scripts/bench_server.py" + (" " + " ".join(argv if argv is not None else sys.argv[1:]))
-    all_results: list[dict[str, object]] = []
+    loads = [os.getloadavg()[0]]
+    all_results: list[Result] = []
     all_notes: list[str] = []
     with tempfile.TemporaryDirectory(prefix="cbbt-bench-") as tmp:
         for model in models:
             results, notes = bench_model(model, args, Path(tmp))
             all_results += results
             all_notes += notes
-    section = render(args, command.strip(), all_results, all_notes)
+    loads.append(os.getloadavg()[0])
+    section = render(args, command.strip(), all_results, all_notes, loads)
     print()
     print(section)
     if not args.no_write:

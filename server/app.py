@@ -21,6 +21,7 @@ from server.routes import classify, embeddings, health, models, prompts, usage
 from server.settings import ServerSettings
 from server.state import ServiceState
 from server.store.base import Store
+from server.store.lock import ServerLock
 from server.store.sqlite import SqliteStore
 
 logger = logging.getLogger(__name__)
@@ -63,8 +64,13 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        lock = None
         if state.store is None and settings.auth:
-            state.store = SqliteStore(settings.db)
+            lock = ServerLock(settings.db)
+            lock.acquire()  # refuses to start if another server serves this database
+            sqlite = SqliteStore(settings.db)
+            sqlite.recover_unsettled()
+            state.store = sqlite
         loader = asyncio.create_task(_start_model(state, backend))
         try:
             yield
@@ -76,6 +82,8 @@ def create_app(
             state.model_executor.shutdown(wait=False, cancel_futures=True)
             if state.store is not None and store is None:
                 state.store.close()
+            if lock is not None:
+                lock.release()
 
     app = FastAPI(
         title="cbbt model server",

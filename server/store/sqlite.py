@@ -452,6 +452,31 @@ class SqliteStore(Store):
         logger.info("refunded %d items of request %s (status %d)", row["items"], request_id, status)
         return True
 
+    def recover_unsettled(self) -> tuple[int, int]:
+        """After a crash: refund every reservation that was never settled and drop in-progress
+        idempotency records, so that each charge belongs to an answered request and a retry
+        of a lost request runs (and is charged) exactly once. Returns (requests, items).
+
+        Only safe while no other server process uses this database: the server holds an
+        exclusive lock (see server.store.lock) before calling it.
+        """
+        with self._transaction("recover") as conn:
+            rows = conn.execute("SELECT request_id, key_id, items FROM ledger WHERE status IS NULL AND refunded = 0").fetchall()
+            for row in rows:
+                conn.execute(
+                    "UPDATE api_keys SET spent_items = spent_items - ?, spent_requests = spent_requests - 1 WHERE id = ?",
+                    (row["items"], row["key_id"]),
+                )
+            conn.execute(
+                "UPDATE ledger SET refunded = 1, status = 0, settled_at = ? WHERE status IS NULL AND refunded = 0",
+                (self._clock(),),
+            )
+            conn.execute("DELETE FROM idempotency WHERE status IS NULL")
+        items = sum(int(r["items"]) for r in rows)
+        if rows:
+            logger.warning("recovered %d unanswered requests from a crash: refunded %d items", len(rows), items)
+        return len(rows), items
+
     @staticmethod
     def _ledger_row(conn: sqlite3.Connection, request_id: str) -> sqlite3.Row:
         row = conn.execute(
