@@ -58,7 +58,8 @@ class Plan:
         if self.scaled:
             lines.append(
                 f"budget too small for the faithful {self.faithful_steps} prompt steps: scaled down to "
-                f"{self.steps} (warm-up {self.warmup_steps}, adapter joins at step {self.adapter_start_step}); "
+                f"{self.steps} (warm-up {self.warmup_steps}, "
+                f"adapter joins at step {self.adapter_start_step}); "
                 "the adapter still trains in full, on cached features, at no query cost"
             )
         return "\n".join(lines)
@@ -84,7 +85,8 @@ def make_plan(
     if budget is not None and fixed > budget:
         raise BudgetTooSmall(
             f"a budget of {budget} items cannot pay for the image features and the initial prompt "
-            f"({feature_items} + {init_items} = {fixed} items); raise --budget or lower --views/--test-per-class"
+            f"({feature_items} + {init_items} = {fixed} items); "
+            "raise --budget or lower --views/--test-per-class"
         )
     affordable = faithful if budget is None else min(faithful, (budget - fixed) // max(1, items_per_step))
     scale = affordable / faithful if faithful else 0.0

@@ -11,6 +11,7 @@ A full queue is refused at once (`Overloaded`) instead of growing memory without
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections import deque
@@ -91,10 +92,8 @@ class DynamicBatcher(Generic[T]):
         self._closed = True
         if self._task is not None:
             self._task.cancel()
-            try:
+            with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-            except asyncio.CancelledError:
-                pass
         while self._queue:
             pending, _, _ = self._queue.popleft()
             pending.fail(RuntimeError("server shutting down"))

@@ -49,7 +49,8 @@ class OpenClipBackend(Backend):
                 name,
             )
         model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=weights, device=device)
-        # open_clip modules are duck-typed (CLIP vs CustomTextCLIP): Any keeps mypy out of nn.Module.__getattr__.
+        # open_clip modules are duck-typed (CLIP vs CustomTextCLIP): Any keeps mypy out of
+        # nn.Module.__getattr__.
         self.model: Any = model.eval()
         self._preprocess = preprocess
         self.tokenizer = open_clip.get_tokenizer(name)

@@ -461,20 +461,22 @@ class SqliteStore(Store):
         exclusive lock (see server.store.lock) before calling it.
         """
         with self._transaction("recover") as conn:
-            rows = conn.execute("SELECT request_id, key_id, items FROM ledger WHERE status IS NULL AND refunded = 0").fetchall()
+            unsettled = "status IS NULL AND refunded = 0"
+            rows = conn.execute(f"SELECT request_id, key_id, items FROM ledger WHERE {unsettled}").fetchall()
             for row in rows:
                 conn.execute(
-                    "UPDATE api_keys SET spent_items = spent_items - ?, spent_requests = spent_requests - 1 WHERE id = ?",
+                    "UPDATE api_keys SET spent_items = spent_items - ?, spent_requests = spent_requests - 1"
+                    " WHERE id = ?",
                     (row["items"], row["key_id"]),
                 )
             conn.execute(
-                "UPDATE ledger SET refunded = 1, status = 0, settled_at = ? WHERE status IS NULL AND refunded = 0",
+                f"UPDATE ledger SET refunded = 1, status = 0, settled_at = ? WHERE {unsettled}",
                 (self._clock(),),
             )
             conn.execute("DELETE FROM idempotency WHERE status IS NULL")
         items = sum(int(r["items"]) for r in rows)
         if rows:
-            logger.warning("recovered %d unanswered requests from a crash: refunded %d items", len(rows), items)
+            logger.warning("crash recovery: refunded %d unanswered requests (%d items)", len(rows), items)
         return len(rows), items
 
     @staticmethod
