@@ -12,10 +12,11 @@ features before any training.
 Everything else is the black-box `cbbt` run's: one context token initialised from "a", the
 same residual adapter, batch, warm-up + cosine schedule, AdamW settings, adapter start epoch
 and adapter-only epochs (`TuneConfig` defaults, overridable with `--config-json`), the same
-few-shot split, the same cached image views (read from, and written to, the client's
-feature cache under the same keys), and model selection on validation only. The report has
-the fields of the tuner's report with method "coop-whitebox" and `"white_box": true`; its
-`queries` count in-process encodings (not API calls: `calls` is 0).
+few-shot split, the same cached image views (read from, and written to, the client's feature
+cache under the same keys), and model selection on validation only. With
+`--config-json '{"method": "cbbt-prompt"}' --name coop-prompt-whitebox` it is CoOp alone
+(prompt only). The report has the tuner's report fields, the method name, and
+`"white_box": true`; its `queries` count in-process encodings (not API calls: `calls` is 0).
 
     python -m benchmarks.whitebox --data fashion-mnist --shots 16 --seed 1 \
         --test-per-class 100 --views 2 --cache runs/bench/cache/features.sqlite \
@@ -213,8 +214,15 @@ def _sample(
 
 
 def run_coop(
-    backend: Backend, cache: FeatureCache, split: FewShotSplit, cfg: TuneConfig, out_dir: Path
+    backend: Backend,
+    cache: FeatureCache,
+    split: FewShotSplit,
+    cfg: TuneConfig,
+    out_dir: Path,
+    *,
+    name: str = METHOD,
 ) -> dict[str, object]:
+    """CoOp (+ the adapter when `cfg.method` is "cbbt"; prompt only for "cbbt-prompt")."""
     started = time.time()
     out_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
@@ -348,9 +356,9 @@ def run_coop(
     if adapter is not None and best["adapter"] is not None:
         adapter.load_state_dict(best["adapter"])
     test_acc, _ = accuracy_and_loss(adapter, test, y_test, best["text"], scale)
-    logger.info("coop-whitebox: val %.4f, test %.4f (zero-shot %.4f)", best["acc"], test_acc, zero_test)
+    logger.info("%s: val %.4f, test %.4f (zero-shot %.4f)", name, best["acc"], test_acc, zero_test)
     report: dict[str, object] = {
-        "method": METHOD,
+        "method": name,
         "white_box": True,
         "note": "NOT black-box: exact gradients through the model, in-process (a reference ceiling)",
         "shots": split.shots,
@@ -401,6 +409,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--config-json", default="{}", help="TuneConfig overrides as JSON (method defaults to cbbt)"
     )
+    parser.add_argument("--name", default=METHOD, help="the method name written into the report")
     parser.add_argument("-v", "--verbose", action="store_true")
     return parser
 
@@ -431,11 +440,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         logger.warning("random-init model: in-process weights may differ from the server's; shapes only")
     cache = FeatureCache(args.cache)
     try:
-        report = run_coop(backend, cache, split, cfg, args.out)
+        report = run_coop(backend, cache, split, cfg, args.out, name=args.name)
     finally:
         cache.close()
     print(
-        f"{METHOD} (white-box, not black-box), {cfg.shots}-shot, seed {cfg.seed}: "
+        f"{args.name} (white-box, not black-box), {cfg.shots}-shot, seed {cfg.seed}: "
         f"test {report['test_accuracy']:.4f}, val {report['val_accuracy']:.4f}"
     )
     return 0

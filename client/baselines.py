@@ -19,7 +19,7 @@ chosen on the validation split only; the test split is scored once, at the end.
   (in place of LFA's re-ranking loss; simpler, and it keeps W near its closed-form start);
   the refinement step is picked on validation.
 - `tip-adapter`: the training-free cache model (keys = training features averaged over views),
-  α and β searched on validation with `search_alpha_beta`.
+  α and β searched on validation with `search_alpha_beta` (α ∈ [0.1, 10], β ∈ [0.1, 12]).
 - `tip-adapter-f`: the same cache with trainable keys, fine-tuned locally with AdamW on all
   training views (Tip-Adapter-F's recipe: lr 1e-3, cosine decay, 20 epochs), the epoch picked on
   validation, then α, β searched on validation again.

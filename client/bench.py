@@ -45,6 +45,7 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Literal
 
+import torch
 from tqdm import tqdm
 
 from client.api import CbbtClient
@@ -53,7 +54,7 @@ from client.cli import _TUNE_FLAGS, ClientSettings, _add_connection, _add_data
 from client.data import Dataset, FewShotSplit, few_shot_split, load_dataset
 from client.features import FeatureCache, FeatureStore
 from client.local_server import LocalServer
-from client.train import TuneConfig, Tuner
+from client.train import StopRequested, TuneConfig, Tuner
 
 logger = logging.getLogger(__name__)
 
@@ -179,6 +180,14 @@ METHODS: dict[str, MethodSpec] = _specs(
         {"method": "cbbt"},
         "model weights and gradients (in-process; NOT black-box)",
         "CoOp: exact gradients through the text encoder + the same adapter",
+        black_box=False,
+    ),
+    MethodSpec(
+        "coop-prompt-whitebox",
+        "whitebox",
+        {"method": "cbbt-prompt"},
+        "model weights and gradients (in-process; NOT black-box)",
+        "CoOp alone: exact gradients through the text encoder, prompt only",
         black_box=False,
     ),
 )
@@ -384,8 +393,8 @@ class Bench:
                 self._run_feature(spec, split, out)
             else:
                 self._run_tuner(spec, split, out, bar)
-        except KeyboardInterrupt:
-            raise
+        except (KeyboardInterrupt, StopRequested):
+            raise  # checkpointed: a rerun resumes this run
         except Exception as exc:
             logger.exception("%s, %d-shot, seed %d failed", spec.name, split.shots, split.seed)
             return {
@@ -485,6 +494,8 @@ class Bench:
             model,
             "--config-json",
             json.dumps(overrides),
+            "--name",
+            spec.name,
         ]
         if pretrained is not None:
             command += ["--pretrained", pretrained]
@@ -892,6 +903,13 @@ def add_bench_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -
         help="add a method: BASE's spec with TuneConfig overrides (repeatable)",
     )
     bench.add_argument("--grid-only", action="store_true", help="summarise only this grid's runs")
+    bench.add_argument(
+        "--client-threads",
+        type=int,
+        default=1,
+        help="torch threads for the client's local work (0: torch's choice); 1 leaves the local "
+        "server a core, and the client's tensors are small",
+    )
     bench.add_argument("--no-progress", action="store_true")
     for flag, name, kind, help_text in _TUNE_FLAGS:
         if name not in _BENCH_OWN:
@@ -931,6 +949,8 @@ def command(args: argparse.Namespace, settings: ClientSettings) -> int:
         cfg = bench_config(args)
     except ValueError as exc:
         raise SystemExit(str(exc)) from exc
+    if args.client_threads > 0:
+        torch.set_num_threads(args.client_threads)
     cache_path = (args.cache_dir or cfg.out / "cache") / CACHE_FILE
     bench = Bench(cfg, Service("http://unused", None, cache_path))
     needs_server = bool(bench.pending())

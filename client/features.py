@@ -130,6 +130,10 @@ class FeatureStore:
     def _key(self, image_hash: str, view: int) -> str:
         return f"{self.model_id}|{image_hash}|{view}|{int(self.flip)}"
 
+    def item_count(self, examples: Sequence[Example], views: int) -> int:
+        """How many images `features(examples, views)` uses, cached or not."""
+        return len({self._key(content_hash(e.image_bytes()), v) for e in examples for v in range(views)})
+
     def missing_count(self, examples: Sequence[Example], views: int) -> int:
         """How many images a `features(examples, views)` call would pay for."""
         keys = [self._key(content_hash(e.image_bytes()), v) for e in examples for v in range(views)]

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from client.adapters import ResidualAdapter, TipAdapter, clip_logits
+from client.adapters import ResidualAdapter, TipAdapter, clip_logits, search_alpha_beta
 from client.api import CbbtClient, QuotaExhausted
 from client.artifact import Artifact, save_artifact
 from client.data import Example, FewShotSplit
@@ -277,10 +277,11 @@ class Tuner:
 
     # -- phases -------------------------------------------------------------------------------
     def feature_items(self) -> int:
-        """Items the image features still cost (cached ones are free)."""
+        """Items the image features cost at full price. Cached features are not charged, but
+        the plan counts them anyway: a run's schedule must not depend on what some earlier run
+        left in the cache (benchmarks sharing a cache, resumed runs)."""
         s, cfg = self.split, self.cfg
-        train = self.features.missing_count(s.train, cfg.views)
-        return train + self.features.missing_count(s.val + s.test, 1)
+        return self.features.item_count(s.train, cfg.views) + self.features.item_count(s.val + s.test, 1)
 
     def plan(self, prompt_dim: int | None, feature_items: int) -> Plan:
         """The schedule. Without `prompt_dim` (unknown before the first query) it only checks
@@ -455,6 +456,12 @@ class Tuner:
         plan: Plan,
         stop_requested: Callable[[], bool],
     ) -> None:
+        if isinstance(adapter, TipAdapter) and self.state.adapter_epoch == 0:
+            # Tip-Adapter's recipe: the cache's weight and sharpness are chosen on validation.
+            found = search_alpha_beta(
+                adapter, data.val, data.val_labels, clip_logits(data.val, texts, self.scale)
+            )
+            adapter.alpha, adapter.beta = found.alpha, found.beta
         size = self.cfg.adapter_batch_size
         steps_per_epoch = max(1, math.ceil(data.train.shape[0] * data.train.shape[1] / size))
         while self.state.adapter_epoch < self.cfg.adapter_epochs:

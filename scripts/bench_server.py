@@ -41,6 +41,9 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# The server's default (server/cli.py), set here too before torch loads so that both sides
+# run OpenMP the same way; export OMP_WAIT_POLICY=ACTIVE to compare.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:
@@ -331,7 +334,8 @@ def machine_lines(threads: int) -> list[str]:
     return [
         f"- machine: `{' '.join(platform.uname())}`",
         f"- CPUs (nproc): {os.cpu_count()}; torch threads: {threads} (server `--threads` and in-process)",
-        f"- python {platform.python_version()}, torch {torch.__version__}",
+        f"- python {platform.python_version()}, torch {torch.__version__}, "
+        f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')} (both sides)",
     ]
 
 

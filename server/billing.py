@@ -94,7 +94,9 @@ class Charge:
 
 async def billed(request: Request, caller: Caller, charge: Charge) -> Response:
     state = get_state(request)
-    request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
+    # Always the server's own: a request id is the ledger's primary key, shared by every key, so
+    # a client-chosen one could collide with another request's (a 500, and an existence oracle).
+    request_id = uuid.uuid4().hex
     base_headers = {"x-request-id": request_id}
     key = caller.key
     if key is None:  # auth off: no accounting at all
@@ -108,23 +110,11 @@ async def billed(request: Request, caller: Caller, charge: Charge) -> Response:
         if replay is not None:
             return replay
     try:
-        response = await _charged(state, key, charge, request_id, base_headers)
+        return await _charged(state, key, charge, request_id, base_headers, idem_key)
     except BaseException:
         if idem_key is not None:
             await _quietly(state, _store(state).abandon_idempotent, key.id, idem_key)
         raise
-    if idem_key is not None:
-        headers = {k: v for k, v in response.headers.items() if k.startswith(("x-", "content-type"))}
-        await _quietly(
-            state,
-            _store(state).finish_idempotent,
-            key.id,
-            idem_key,
-            response.status_code,
-            bytes(response.body),
-            headers,
-        )
-    return response
 
 
 async def _begin_idempotent(
@@ -164,7 +154,12 @@ async def _begin_idempotent(
 
 
 async def _charged(
-    state: ServiceState, key: ApiKey, charge: Charge, request_id: str, headers: dict[str, str]
+    state: ServiceState,
+    key: ApiKey,
+    charge: Charge,
+    request_id: str,
+    headers: dict[str, str],
+    idem_key: str | None,
 ) -> Response:
     decision = state.limiter.check_and_consume(key.id, key.rpm, key.ipm, charge.items)
     if not decision.allowed:
@@ -196,11 +191,16 @@ async def _charged(
         state.limiter.refund(key.id, charge.items)
         raise
     state.metrics.items_charged.inc(charge.items)
-    await _quietly(state, store.settle, request_id, 200)
     # From the charge itself, not from `key` (read at authentication, stale under concurrency).
     assert isinstance(reservation, Reservation)
     remaining = reservation.remaining_items
-    return _json_response(payload, {**headers, **rate_limit_headers(decision, remaining)})
+    response = _json_response(payload, {**headers, **rate_limit_headers(decision, remaining)})
+    answer = None
+    if idem_key is not None:  # stored with the settlement, in one transaction (see Store.settle)
+        kept = {k: v for k, v in response.headers.items() if k.startswith(("x-", "content-type"))}
+        answer = (idem_key, bytes(response.body), kept)
+    await _quietly(state, store.settle, request_id, 200, answer)
+    return response
 
 
 async def _produce(state: ServiceState, charge: Charge) -> BaseModel:

@@ -71,6 +71,10 @@ def serve(settings: ServerSettings) -> int:
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    # Before torch loads OpenMP: its threads otherwise spin-wait between parallel regions and
+    # starve the event loop, image decoding and any co-located client of the cores they share
+    # (batches 5-20x slower on 2 busy vCPUs, scripts/bench_server.py). Sleeping costs ~nothing.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     if settings.host not in ("127.0.0.1", "::1", "localhost"):
         logging.getLogger(__name__).warning(
             "binding %s: the API is reachable from other machines", settings.host

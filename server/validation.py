@@ -93,3 +93,16 @@ def check_prompts_fit(contexts: list[torch.Tensor], class_names: list[str], back
             raise ApiError(
                 422, ErrorCode.too_many_context_vectors, str(exc), param=f"class_names[{j}]"
             ) from exc
+
+
+def check_finite_features(features: torch.Tensor, *, param: str) -> None:
+    """Finite context vectors can still be large enough to overflow the text encoder; answer 422
+    (raised inside the charged work, so the charge is refunded) rather than NaN features or nulls."""
+    if not bool(torch.isfinite(features).all()):
+        raise ApiError(
+            422,
+            ErrorCode.non_finite_values,
+            "the context vectors are too large: the text encoder's output is not finite; scale them down "
+            "(nothing was charged)",
+            param=param,
+        )

@@ -18,6 +18,7 @@ from server.errors import ApiError
 from server.store import (
     DEFAULT_SCOPES,
     KEY_NAME_PATTERN,
+    MAX_COUNT,
     ApiKey,
     DuplicateKeyName,
     KeyNotFound,
@@ -37,18 +38,18 @@ class CreateKeyBody(BaseModel):
 
     name: str = Field(pattern=KEY_NAME_PATTERN)
     # Required but nullable: an unlimited budget has to be asked for explicitly with null.
-    budget_items: int | None = Field(ge=0)
-    budget_requests: int | None = Field(default=None, ge=0)
-    rpm: int | None = Field(default=None, ge=0)
-    ipm: int | None = Field(default=None, ge=0)
+    budget_items: int | None = Field(ge=0, le=MAX_COUNT)
+    budget_requests: int | None = Field(default=None, ge=0, le=MAX_COUNT)
+    rpm: int | None = Field(default=None, ge=0, le=MAX_COUNT)
+    ipm: int | None = Field(default=None, ge=0, le=MAX_COUNT)
     scopes: list[str] = Field(default_factory=lambda: sorted(DEFAULT_SCOPES), min_length=1)
 
 
 class TopUpBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    items: int = Field(default=0, ge=0)
-    requests: int = Field(default=0, ge=0)
+    items: int = Field(default=0, ge=0, le=MAX_COUNT)
+    requests: int = Field(default=0, ge=0, le=MAX_COUNT)
 
 
 class KeyRecord(BaseModel):

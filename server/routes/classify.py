@@ -13,7 +13,14 @@ from server.billing import Caller, Charge, billed, require_caller
 from server.errors import ApiError
 from server.routes.embeddings import decode_and_preprocess, image_limits
 from server.state import ready_state
-from server.validation import check_item_count, check_model, check_prompts_fit, check_texts, decode_context
+from server.validation import (
+    check_finite_features,
+    check_item_count,
+    check_model,
+    check_prompts_fit,
+    check_texts,
+    decode_context,
+)
 from shared.errors import ErrorCode
 from shared.schemas import ClassifyRequest, ClassifyResponse, Usage
 
@@ -61,6 +68,7 @@ async def classify(
             text_features = await batchers.texts.submit(body.texts)
         else:
             text_features = await batchers.prompts.submit(prompts)
+            check_finite_features(text_features, param="context")
         logits = backend.card.logit_scale * image_features @ text_features.T
         probabilities = torch.softmax(logits, dim=-1)
         return ClassifyResponse(

@@ -27,9 +27,15 @@ def image_limits(settings: ServerSettings) -> ImageLimits:
 def decode_and_preprocess(
     payloads: list[str], backend: Backend, limits: ImageLimits, param: str
 ) -> list[torch.Tensor]:
-    """Decode every image first (all-or-nothing), then preprocess; runs in a worker thread."""
-    images = [decode_image(p, limits, param=f"{param}[{i}]") for i, p in enumerate(payloads)]
-    return [backend.preprocess(image) for image in images]
+    """Decode and preprocess one image at a time (all-or-nothing); runs in a worker thread.
+
+    One at a time: a decoded image may be 16 megapixels (about 50 MB) from a few hundred bytes of
+    WebP, so holding every decoded image of a request at once would let one small request
+    exhaust the server's memory. Only the small preprocessed tensors are kept.
+    """
+    return [
+        backend.preprocess(decode_image(p, limits, param=f"{param}[{i}]")) for i, p in enumerate(payloads)
+    ]
 
 
 def _rows(features: torch.Tensor, encoding_format: str) -> list[list[float] | str]:

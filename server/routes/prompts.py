@@ -14,7 +14,14 @@ from fastapi import APIRouter, Depends, Request, Response
 from server.backends.base import PromptItem
 from server.billing import Caller, Charge, billed, require_caller
 from server.state import ready_state
-from server.validation import check_item_count, check_model, check_prompts_fit, check_texts, decode_context
+from server.validation import (
+    check_finite_features,
+    check_item_count,
+    check_model,
+    check_prompts_fit,
+    check_texts,
+    decode_context,
+)
 from shared.arrays import encode_array
 from shared.schemas import (
     PromptEmbeddingRequest,
@@ -43,6 +50,7 @@ async def prompt_embeddings(
 
     async def produce() -> PromptEmbeddingResponse:
         features = await batchers.prompts.submit(items)
+        check_finite_features(features, param="prompts")
         shape = [len(contexts), len(body.class_names), int(features.shape[-1])]
         cube = features.reshape(shape)
         embeddings = encode_array(cube.numpy()) if body.encoding_format == "base64" else cube.tolist()

@@ -3,6 +3,7 @@
 from server.store.base import (
     DEFAULT_SCOPES,
     KEY_NAME_PATTERN,
+    MAX_COUNT,
     ApiKey,
     DuplicateKeyName,
     IdempotencyRecord,
@@ -21,6 +22,7 @@ from server.store.sqlite import SqliteStore
 __all__ = [
     "DEFAULT_SCOPES",
     "KEY_NAME_PATTERN",
+    "MAX_COUNT",
     "ApiKey",
     "DuplicateKeyName",
     "IdempotencyRecord",

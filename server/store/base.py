@@ -14,6 +14,9 @@ DEFAULT_SCOPES: frozenset[str] = frozenset({"embed", "classify"})
 KEY_PREFIX = "cbbt-"
 # Display prefix length: enough to tell keys apart in listings, far too little to guess the rest.
 DISPLAY_PREFIX_LEN = 8
+# Largest budget, limit or top-up a key may have: far beyond any real use, and far below SQLite's
+# 64-bit integers, so that no sum the store computes can overflow (SQLite would turn it into a float).
+MAX_COUNT = 10**15
 # Names start with a letter so a name can never be mistaken for a numeric id, and contain no
 # '/' so they are safe as a URL path segment.
 KEY_NAME_PATTERN = r"^[A-Za-z][A-Za-z0-9._-]{0,63}$"
@@ -202,8 +205,15 @@ class Store(Protocol):
         """Atomically charge items and one request, or raise QuotaExceeded having charged nothing."""
         ...
 
-    def settle(self, request_id: str, status: int) -> None:
-        """Record the final HTTP status; the charge stands."""
+    def settle(
+        self, request_id: str, status: int, idempotent: tuple[str, bytes, dict[str, str]] | None = None
+    ) -> None:
+        """Record the final HTTP status; the charge stands.
+
+        `idempotent` = (Idempotency-Key, body, headers) stores the answer for replay in the SAME
+        transaction: a crash can then never leave a charge whose answer a retry cannot replay
+        (recovery drops in-progress records, and the retry would be charged a second time).
+        """
         ...
 
     def refund(self, request_id: str, status: int) -> bool:

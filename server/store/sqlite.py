@@ -22,6 +22,7 @@ from contextlib import contextmanager
 from server.store.base import (
     DISPLAY_PREFIX_LEN,
     KEY_PREFIX,
+    MAX_COUNT,
     ApiKey,
     DuplicateKeyName,
     IdempotencyRecord,
@@ -164,9 +165,10 @@ def _row_to_idempotency(row: sqlite3.Row) -> IdempotencyRecord:
 
 
 def _check_non_negative(**values: int | None) -> None:
+    """Counts are 0..MAX_COUNT (a larger Python int would not even fit an SQLite INTEGER)."""
     for name, value in values.items():
-        if value is not None and value < 0:
-            raise ValueError(f"{name} must be >= 0, got {value}")
+        if value is not None and not 0 <= value <= MAX_COUNT:
+            raise ValueError(f"{name} must be between 0 and {MAX_COUNT}, got {value}")
 
 
 def _normalize_scopes(scopes: Iterable[str]) -> frozenset[str]:
@@ -374,7 +376,14 @@ class SqliteStore(Store):
     def top_up(self, name_or_id: str | int, items: int = 0, requests: int = 0) -> ApiKey:
         _check_non_negative(items=items, requests=requests)
         with self._transaction("top up") as conn:
-            key_id = self._find_key_row(conn, name_or_id)["id"]
+            row = self._find_key_row(conn, name_or_id)
+            key_id = row["id"]
+            for budget, extra, what in (
+                (row["budget_items"], items, "items"),
+                (row["budget_requests"], requests, "requests"),
+            ):
+                if budget is not None and budget + extra > MAX_COUNT:
+                    raise ValueError(f"a budget of more than {MAX_COUNT} {what} is not supported")
             # NULL + n is NULL in SQL, so an unlimited budget stays unlimited.
             conn.execute(
                 "UPDATE api_keys SET budget_items = budget_items + ?, budget_requests = budget_requests + ?"
@@ -426,14 +435,18 @@ class SqliteStore(Store):
             remaining_requests=key.remaining_requests,
         )
 
-    def settle(self, request_id: str, status: int) -> None:
+    def settle(
+        self, request_id: str, status: int, idempotent: tuple[str, bytes, dict[str, str]] | None = None
+    ) -> None:
         with self._transaction("settle") as conn:
-            cur = conn.execute(
+            conn.execute(
                 "UPDATE ledger SET status = ?, settled_at = ? WHERE request_id = ? AND refunded = 0",
                 (status, self._clock(), request_id),
             )
-            if cur.rowcount == 0:
-                self._ledger_row(conn, request_id)  # raises if unknown; a refunded row stays as is
+            row = self._ledger_row(conn, request_id)  # raises if unknown; a refunded row stays as is
+            if idempotent is not None:  # the answer to replay, committed with the charge
+                idem_key, body, headers = idempotent
+                self._store_answer(conn, int(row["key_id"]), idem_key, status, body, headers)
 
     def refund(self, request_id: str, status: int) -> bool:
         with self._transaction("refund") as conn:
@@ -460,8 +473,21 @@ class SqliteStore(Store):
         Only safe while no other server process uses this database: the server holds an
         exclusive lock (see server.store.lock) before calling it.
         """
+        unsettled = "status IS NULL AND refunded = 0"
+        with _translated("recover"):
+            # Write only when there is something to recover: a read-only database (a replica,
+            # `file:...?mode=ro`) with nothing pending must not keep the server from starting.
+            pending = (
+                self._connection()
+                .execute(
+                    f"SELECT EXISTS (SELECT 1 FROM ledger WHERE {unsettled})"
+                    " OR EXISTS (SELECT 1 FROM idempotency WHERE status IS NULL)"
+                )
+                .fetchone()[0]
+            )
+        if not pending:
+            return 0, 0
         with self._transaction("recover") as conn:
-            unsettled = "status IS NULL AND refunded = 0"
             rows = conn.execute(f"SELECT request_id, key_id, items FROM ledger WHERE {unsettled}").fetchall()
             for row in rows:
                 conn.execute(
@@ -536,10 +562,21 @@ class SqliteStore(Store):
         self, key_id: int, idem_key: str, status: int, body: bytes, headers: dict[str, str]
     ) -> None:
         with self._transaction("finish idempotent request") as conn:
-            cur = conn.execute(
-                "UPDATE idempotency SET status = ?, body = ?, headers = ? WHERE key_id = ? AND idem_key = ?",
-                (status, body, json.dumps(dict(headers)), key_id, idem_key),
-            )
+            self._store_answer(conn, key_id, idem_key, status, body, headers)
+
+    @staticmethod
+    def _store_answer(
+        conn: sqlite3.Connection,
+        key_id: int,
+        idem_key: str,
+        status: int,
+        body: bytes,
+        headers: dict[str, str],
+    ) -> None:
+        cur = conn.execute(
+            "UPDATE idempotency SET status = ?, body = ?, headers = ? WHERE key_id = ? AND idem_key = ?",
+            (status, body, json.dumps(dict(headers)), key_id, idem_key),
+        )
         if cur.rowcount == 0:
             # The record expired (TTL shorter than the request) and was purged: nothing to replay.
             logger.warning(
