@@ -303,29 +303,43 @@ class CbbtClient:
     ) -> npt.NDArray[np.float32]:
         """[P, M, W] soft prompts x C class names -> [P, C, D] text features.
 
-        As few requests as the server's per-request item limit allows (whole prompts per request).
+        As few requests as the server's per-request item limit allows: whole prompts per
+        request, and the class list split too when it alone exceeds the limit.
         """
-        per_request = max(1, self.max_items_per_request // max(1, len(class_names)))
-        chunks = []
-        for part, start in enumerate(range(0, prompts.shape[0], per_request)):
-            chunk = prompts[start : start + per_request]
-            key = None if idempotency_key is None else f"{idempotency_key}/{part}"
-            body = {
-                "prompts": [encode_array(p) for p in chunk],
-                "class_names": list(class_names),
-                "encoding_format": "base64",
-            }
-            answer = self.request(
-                "POST",
-                f"{API_PREFIX}/prompt-embeddings",
-                PromptEmbeddingResponse,
-                json=body,
-                items=chunk.shape[0] * len(class_names),
-                idempotency_key=key,
-            )
-            assert isinstance(answer.embeddings, str)
-            chunks.append(decode_array(answer.embeddings, answer.shape))
-        return np.concatenate(chunks)
+        limit = self.max_items_per_request
+        names = list(class_names)
+        class_step = min(len(names), limit)
+        prompt_step = max(1, limit // class_step)
+        rows = []
+        part = 0
+        for start in range(0, prompts.shape[0], prompt_step):
+            chunk = prompts[start : start + prompt_step]
+            columns = []
+            for first in range(0, len(names), class_step):
+                key = None if idempotency_key is None else f"{idempotency_key}/{part}"
+                columns.append(self._prompt_call(chunk, names[first : first + class_step], key))
+                part += 1
+            rows.append(np.concatenate(columns, axis=1))
+        return np.concatenate(rows)
+
+    def _prompt_call(
+        self, prompts: npt.NDArray[np.float32], class_names: list[str], key: str | None
+    ) -> npt.NDArray[np.float32]:
+        body = {
+            "prompts": [encode_array(p) for p in prompts],
+            "class_names": class_names,
+            "encoding_format": "base64",
+        }
+        answer = self.request(
+            "POST",
+            f"{API_PREFIX}/prompt-embeddings",
+            PromptEmbeddingResponse,
+            json=body,
+            items=prompts.shape[0] * len(class_names),
+            idempotency_key=key,
+        )
+        assert isinstance(answer.embeddings, str)
+        return decode_array(answer.embeddings, answer.shape)
 
 
 def _stack(answer: EmbeddingResponse, dim: int) -> npt.NDArray[np.float32]:

@@ -118,6 +118,9 @@ ESTIMATOR_PRESETS: dict[str, dict[str, object]] = {
         "orthogonal": True,
         # Fewer, noisier steps than the faithful schedule's 750 need a larger step.
         "prompt_lr": 5e-2,
+        # A Tip-Adapter-F cache added to the prompt's logits keeps the tuned prompt's gain,
+        # where a residual adapter on image features tends to absorb it.
+        "adapter": "tip",
     },
 }
 

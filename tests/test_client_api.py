@@ -495,3 +495,21 @@ def test_prompt_embeddings_in_one_request_when_the_limit_allows(
     client.prompt_embeddings(np.zeros((257, 1, WIDTH), np.float32), classes, idempotency_key="s")
     assert [p.idempotency_key for p in api.posts()] == ["s/0"]
     assert client.counter.calls == 1 and client.counter.items == 2570
+
+
+def test_prompt_embeddings_split_the_class_list_when_it_alone_exceeds_the_limit(
+    api: FakeApi, make_client: Callable[..., CbbtClient]
+) -> None:
+    client = make_client(max_items_per_request=4)
+    classes = [f"c{i}" for i in range(6)]  # 6 classes > 4: columns of 4 + 2 classes, one prompt each
+    prompts = np.zeros((2, 1, WIDTH), np.float32)
+    prompts[:, 0, 0] = [10, 20]
+    out = client.prompt_embeddings(prompts, classes, idempotency_key="wide")
+    assert out.shape == (2, 6, DIM)
+    # The fake's feature is (prompt value + class index within its request): columns 4-5 restart.
+    expected = np.array([[10], [20]]) + np.array([0, 1, 2, 3, 0, 1])[None, :]
+    np.testing.assert_array_equal(out[:, :, 0], expected)
+    posts = api.posts()
+    assert [len(p.body["class_names"]) for p in posts if p.body] == [4, 2, 4, 2]  # type: ignore[arg-type]
+    assert [p.idempotency_key for p in posts] == ["wide/0", "wide/1", "wide/2", "wide/3"]
+    assert client.counter.items == 12
