@@ -73,7 +73,7 @@ class FeatureConfig:
     views: int = 2  # cached views per training image, as for the tuner
     template: str = DEFAULT_TEMPLATE
     # Linear probe: weight decay grid (L2 on the weights of the multinomial regression).
-    probe_weight_decays: tuple[float, ...] = (1e-4, 1e-3, 1e-2, 1e-1)
+    probe_weight_decays: tuple[float, ...] = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
     # LFA: shrinkage toward the identity, then a short refinement.
     lfa_shrinks: tuple[float, ...] = (0.25, 0.5, 0.75, 1.0)
     lfa_steps: int = 150

@@ -70,6 +70,7 @@ __all__ = [
 
 Kind = Literal["tune", "feature", "whitebox"]
 CACHE_FILE = "features.sqlite"
+PASSES_FILE = "feature_passes.jsonl"
 LOCAL_KEY_BUDGET = 10**12
 REPO_ROOT = Path(__file__).resolve().parent.parent
 WHITEBOX_SCRIPT = REPO_ROOT / "benchmarks" / "whitebox.py"
@@ -370,15 +371,17 @@ class Bench:
             store.features(split.train, self.cfg.views)
             store.features(split.val + split.test, 1)
             if client.counter.items:
-                self.feature_passes.append(
-                    {
-                        "shots": split.shots,
-                        "seed": split.seed,
-                        "views": self.cfg.views,
-                        "queries": client.counter.as_dict(),
-                        "wall_seconds": time.time() - started,
-                    }
-                )
+                record = {
+                    "shots": split.shots,
+                    "seed": split.seed,
+                    "views": self.cfg.views,
+                    "queries": client.counter.as_dict(),
+                    "wall_seconds": time.time() - started,
+                }
+                self.feature_passes.append(record)
+                self.cfg.data_out.mkdir(parents=True, exist_ok=True)
+                with (self.cfg.data_out / PASSES_FILE).open("a") as log:  # kept across invocations
+                    log.write(json.dumps(record) + "\n")
 
     def _client(self) -> CbbtClient:
         return CbbtClient(self.service.url, self.service.api_key)  # a fresh QueryCounter per client
@@ -572,8 +575,16 @@ def run_bench(cfg: BenchConfig, service: Service) -> list[dict[str, Any]]:
         bench.close()
     if not cfg.grid_only:
         records += collect_on_disk(cfg.data_out, (r["run_dir"] for r in records))
-    write_outputs(cfg, records, bench.feature_passes)
+    write_outputs(cfg, records, load_feature_passes(cfg.data_out))
     return records
+
+
+def load_feature_passes(data_out: Path) -> list[dict[str, Any]]:
+    """Every shared feature pass made for this output folder, by this and earlier invocations."""
+    path = data_out / PASSES_FILE
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -797,36 +808,55 @@ def _pyplot() -> Any:
     return plt
 
 
+_MARKERS = {"tune": "o", "feature": "s", "whitebox": "D"}
+
+
+def _style(method: str, index: int) -> dict[str, Any]:
+    """A distinct colour per method (tab20), a marker per kind, dashed for white-box references."""
+    import matplotlib
+
+    spec = METHODS.get(method)
+    kind = spec.kind if spec is not None else "tune"
+    return {
+        # tab20's dark shades first (ten distinct hues), then its light ones.
+        "color": matplotlib.colormaps["tab20"]((2 * index) % 20 + (2 * index // 20) % 2),
+        "marker": _MARKERS.get(kind, "o"),
+        "white_box": spec is not None and not spec.black_box,
+    }
+
+
 def plot_items(records: Sequence[Mapping[str, Any]], data_out: Path) -> None:
     plt = _pyplot()
     table = groups(records)
+    order = _method_order(records)
     for shots in sorted({g.shots for g in table}):
-        fig, ax = plt.subplots(figsize=(8, 5), dpi=110)
-        colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-        for i, g in enumerate(g for g in table if g.shots == shots):
-            color = colors[i % len(colors)]
+        fig, ax = plt.subplots(figsize=(10, 5.5), dpi=110)
+        for g in (g for g in table if g.shots == shots):
+            style = _style(g.method, order.index(g.method))
             tests = [100 * v for v in g.values("test_accuracy")]
-            label = g.method
-            if g.method == "coop-whitebox":
-                ax.axhline(
-                    statistics.fmean(tests), color=color, linestyle="--", label=f"{g.method} (not black-box)"
-                )
+            mean_t, std_t = _mean_std(tests)
+            if style["white_box"]:
+                ax.axhline(mean_t, color=style["color"], linestyle="--", label=f"{g.method} (not black-box)")
                 continue
             xs, ys = _mean_curve([_load_curve(r) for r in g.runs])
             if len(xs) > 1:
                 ax.plot(
-                    xs, [100 * y for y in ys], color=color, linewidth=1.2, alpha=0.8, drawstyle="steps-post"
+                    xs,
+                    [100 * y for y in ys],
+                    color=style["color"],
+                    linewidth=1.2,
+                    alpha=0.8,
+                    drawstyle="steps-post",
                 )
             items = g.values("items_including_features")
-            mean_t, std_t = _mean_std(tests)
             ax.errorbar(
                 [statistics.fmean(items)],
                 [mean_t],
                 yerr=[std_t],
-                color=color,
-                marker="o",
+                color=style["color"],
+                marker=style["marker"],
                 capsize=3,
-                label=label,
+                label=g.method,
             )
         ax.set_xscale("log")
         ax.set_xlabel("items spent, image features included (log scale)")
@@ -834,11 +864,11 @@ def plot_items(records: Sequence[Mapping[str, Any]], data_out: Path) -> None:
         ax.set_title(
             f"{shots}-shot: lines = validation accuracy of the checkpoint selected so far "
             "(mean over seeds);\n"
-            "markers = final test accuracy (mean ± std)",
+            "markers = final test accuracy (mean ± std); squares = zero-prompt-query feature methods",
             fontsize=9,
         )
         ax.grid(alpha=0.3, which="both")
-        ax.legend(fontsize=7, loc="best")
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
         fig.tight_layout()
         fig.savefig(data_out / f"acc_vs_items_{shots}shot.png")
         plt.close(fig)
@@ -847,24 +877,27 @@ def plot_items(records: Sequence[Mapping[str, Any]], data_out: Path) -> None:
 def plot_shots(records: Sequence[Mapping[str, Any]], path: Path) -> None:
     plt = _pyplot()
     table = groups(records)
-    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
+    order = _method_order(records)
+    fig, ax = plt.subplots(figsize=(9, 5), dpi=110)
     for method in _method_order([r for g in table for r in g.runs]):
+        style = _style(method, order.index(method))
         rows = sorted((g for g in table if g.method == method), key=lambda g: g.shots)
         stats = [_mean_std(g.values("test_accuracy"), 100.0) for g in rows]
         ax.errorbar(
             [g.shots for g in rows],
             [m for m, _ in stats],
             yerr=[s for _, s in stats],
-            marker="o",
+            color=style["color"],
+            marker=style["marker"],
+            linestyle="--" if style["white_box"] else "-",
             capsize=3,
-            label=method
-            + ("" if METHODS.get(method) is None or METHODS[method].black_box else " (not black-box)"),
+            label=method + (" (not black-box)" if style["white_box"] else ""),
         )
     ax.set_xscale("log", base=2)
     ax.set_xlabel("shots per class")
-    ax.set_ylabel("test accuracy (%)")
+    ax.set_ylabel("test accuracy (%), mean ± std over seeds")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
@@ -953,10 +986,12 @@ def command(args: argparse.Namespace, settings: ClientSettings) -> int:
         torch.set_num_threads(args.client_threads)
     cache_path = (args.cache_dir or cfg.out / "cache") / CACHE_FILE
     bench = Bench(cfg, Service("http://unused", None, cache_path))
-    needs_server = bool(bench.pending())
+    # Only API runs need a server: finished runs are skipped, the white-box runs in-process.
+    needs_server = any(METHODS[m].kind != "whitebox" for _, _, m in bench.pending())
     bench.close()
+    local_model = (args.local_model or DEFAULT_LOCAL_MODEL, args.local_pretrained) if args.local else None
     if not args.local or not needs_server:
-        service = Service(settings.server, settings.api_key, cache_path)
+        service = Service(settings.server, settings.api_key, cache_path, local_model=local_model)
         records = run_bench(cfg, service)
     else:
         server_dir = cfg.out / "server"
@@ -970,8 +1005,8 @@ def command(args: argparse.Namespace, settings: ClientSettings) -> int:
         with LocalServer(
             db=server_dir / "server.db", log_path=server_dir / "server.log", extra_args=tuple(extra)
         ) as server:
-            key = server.create_key("bench", budget_items=LOCAL_KEY_BUDGET)
-            local_model = (args.local_model or DEFAULT_LOCAL_MODEL, args.local_pretrained)
+            name = f"bench-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"  # key names are unique
+            key = server.create_key(name, budget_items=LOCAL_KEY_BUDGET)
             service = Service(server.url, key, cache_path, local_model=local_model)
             records = run_bench(cfg, service)
     failed = [r for r in records if r.get("status") == "failed"]

@@ -14,7 +14,7 @@ over rounds and writes it into docs/benchmarks.md between marker comments.
 Caveat printed with the results: the load-generating client runs on the same cores as the
 server, so the HTTP figures include the client's CPU use; the in-process figures do not.
 
-    python scripts/bench_server.py                       # default model, ~2-3 minutes
+    python scripts/bench_server.py                       # default model, ~3 minutes on 2 vCPUs
     python scripts/bench_server.py --model cbbt-tiny     # the tiny random-init model
 """
 
@@ -62,6 +62,8 @@ DEFAULT_MODEL = "devise-effnet-minilm"
 BEGIN = "<!-- bench_server:begin -->"
 END = "<!-- bench_server:end -->"
 BUDGET = 10**12
+# Every measurement lasts --duration seconds and covers at least this many model batches.
+MIN_BATCHES = 4
 CLASS_NAMES = ["cat", "dog", "cup of coffee", "rocket", "astronaut", "car", "tree", "pizza"]
 
 
@@ -175,6 +177,7 @@ class Traffic:
     """One kind of traffic: a pre-encoded HTTP request and the equivalent in-process call."""
 
     name: str
+    modality: str  # the server's batcher that serves it
     path: str
     body: bytes
     items_per_request: int
@@ -214,6 +217,7 @@ def build_traffic(backend: Backend, args: argparse.Namespace) -> list[Traffic]:
     return [
         Traffic(
             name="prompt-embeddings",
+            modality="prompt",
             path="/v1/prompt-embeddings",
             body=prompt_body,
             items_per_request=n_prompts * len(classes),
@@ -226,6 +230,7 @@ def build_traffic(backend: Backend, args: argparse.Namespace) -> list[Traffic]:
         ),
         Traffic(
             name="image-embeddings",
+            modality="image",
             path="/v1/embeddings",
             body=image_body,
             items_per_request=args.image_items,
@@ -244,6 +249,7 @@ def build_traffic(backend: Backend, args: argparse.Namespace) -> list[Traffic]:
 class Sample:
     items_per_s: float
     cpu_ms_per_item: float  # CPU time of the process doing the work (server or this one)
+    batch: float  # mean model batch size (observed on the server's /metrics over HTTP)
 
 
 def _process_cpu_s(pid: int) -> float:
@@ -255,14 +261,31 @@ def _process_cpu_s(pid: int) -> float:
 def measure_inprocess(traffic: Traffic, duration_s: float) -> Sample:
     traffic.inprocess()  # warm
     items, started, cpu = 0, time.perf_counter(), time.process_time()
-    while time.perf_counter() - started < duration_s:
+    while time.perf_counter() - started < duration_s or items < MIN_BATCHES * traffic.items_per_call:
         traffic.inprocess()
         items += traffic.items_per_call
     elapsed, cpu = time.perf_counter() - started, time.process_time() - cpu
-    return Sample(items / elapsed, 1000 * cpu / items)
+    return Sample(items / elapsed, 1000 * cpu / items, traffic.items_per_call)
 
 
-async def _http_run(server: Server, traffic: Traffic, duration_s: float, concurrency: int) -> Sample:
+def _batch_totals(server: Server, modality: str) -> tuple[float, float]:
+    """(sum, count) of the server's cbbt_batch_size histogram for one modality."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(f"{server.url}/metrics", timeout=30).text
+    totals = {"sum": 0.0, "count": 0.0}
+    for family in text_string_to_metric_families(text):
+        if family.name == "cbbt_batch_size":
+            for sample in family.samples:
+                suffix = sample.name.rsplit("_", 1)[-1]
+                if suffix in totals and sample.labels.get("modality") == modality:
+                    totals[suffix] = sample.value
+    return totals["sum"], totals["count"]
+
+
+async def _http_run(
+    server: Server, traffic: Traffic, duration_s: float, concurrency: int, batch: int
+) -> Sample:
     assert server.process is not None
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     async with httpx.AsyncClient(
@@ -274,24 +297,29 @@ async def _http_run(server: Server, traffic: Traffic, duration_s: float, concurr
             if response.status_code != 200:
                 raise RuntimeError(f"{traffic.path}: {response.status_code} {response.text[:300]}")
 
-        await asyncio.gather(*(one() for _ in range(concurrency)))  # warm connections and batches
+        await one()  # warm: the model already is (the server's warm-up), so one request is enough
         deadline = time.perf_counter() + duration_s
         done = 0
 
+        at_least = MIN_BATCHES * batch
+
         async def worker() -> None:
             nonlocal done
-            while time.perf_counter() < deadline:
+            while time.perf_counter() < deadline or done < at_least:
                 await one()
                 done += traffic.items_per_request
 
+        batches = _batch_totals(server, traffic.modality)
         started, cpu = time.perf_counter(), _process_cpu_s(server.process.pid)
         await asyncio.gather(*(worker() for _ in range(concurrency)))
         elapsed, cpu = time.perf_counter() - started, _process_cpu_s(server.process.pid) - cpu
-        return Sample(done / elapsed, 1000 * cpu / done)
+        after = _batch_totals(server, traffic.modality)
+        mean_batch = (after[0] - batches[0]) / max(after[1] - batches[1], 1.0)
+        return Sample(done / elapsed, 1000 * cpu / done, mean_batch)
 
 
-def measure_http(server: Server, traffic: Traffic, duration_s: float, concurrency: int) -> Sample:
-    return asyncio.run(_http_run(server, traffic, duration_s, concurrency))
+def measure_http(server: Server, traffic: Traffic, duration_s: float, concurrency: int, batch: int) -> Sample:
+    return asyncio.run(_http_run(server, traffic, duration_s, concurrency, batch))
 
 
 def check_equivalence(server: Server, backend: Backend, traffic: list[Traffic]) -> None:
@@ -326,6 +354,9 @@ class Result:
     def cpu(self, kind: str) -> float:
         return statistics.fmean(s.cpu_ms_per_item for s in self.samples[kind])
 
+    def batch(self, kind: str) -> float:
+        return statistics.fmean(s.batch for s in self.samples[kind])
+
     def ratio(self, kind: str) -> float:
         return self.rate(kind) / self.rate("inprocess")
 
@@ -355,7 +386,8 @@ def render(
         f"- server: `--batch-max-items {args.batch} --batch-max-wait-ms {args.batch_wait_ms:g} "
         f"--threads {args.threads}`; in-process batch size {args.batch}",
         f"- HTTP load: {args.concurrency} concurrent httpx AsyncClient tasks in one process, "
-        f"{args.rounds} rounds x {args.duration:g} s per measurement, alternated; mean over rounds",
+        f"{args.rounds} rounds x {args.duration:g} s (and >= {MIN_BATCHES} batches) per measurement, "
+        "alternated; mean over rounds",
         "- the client runs on the same cores as the server: the HTTP columns pay for the load "
         "generator's CPU too, the in-process column does not",
         "",
@@ -370,15 +402,18 @@ def render(
     lines += [
         "",
         "CPU time per item of the process doing the work (this process in-process; the server process "
-        "over HTTP, the client excluded), in ms:",
+        "over HTTP, the client excluded), in ms, and the mean model batch size (the server's, from its "
+        "/metrics, over HTTP):",
         "",
-        "| model | traffic | in-process | HTTP no-auth | HTTP auth |",
-        "|---|---|---:|---:|---:|",
+        "| model | traffic | in-process CPU ms/item | HTTP no-auth | HTTP auth | batch in-process "
+        "| batch HTTP no-auth | batch HTTP auth |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results:
         lines.append(
             f"| {r.model} | {r.traffic} | {r.cpu('inprocess'):.2f} | {r.cpu('http'):.2f} | "
-            f"{r.cpu('http_auth'):.2f} |"
+            f"{r.cpu('http_auth'):.2f} | {r.batch('inprocess'):.0f} | {r.batch('http'):.1f} | "
+            f"{r.batch('http_auth'):.1f} |"
         )
     lines += ["", "Traffic:", ""]
     lines += [f"- {n}" for n in notes]
@@ -429,8 +464,14 @@ def bench_model(model: str, args: argparse.Namespace, workdir: Path) -> tuple[li
             for t, result in zip(traffic, results, strict=True):
                 runs = [
                     ("inprocess", lambda t=t: measure_inprocess(t, args.duration)),
-                    ("http", lambda t=t: measure_http(servers[0], t, args.duration, args.concurrency)),
-                    ("http_auth", lambda t=t: measure_http(servers[1], t, args.duration, args.concurrency)),
+                    (
+                        "http",
+                        lambda t=t: measure_http(servers[0], t, args.duration, args.concurrency, args.batch),
+                    ),
+                    (
+                        "http_auth",
+                        lambda t=t: measure_http(servers[1], t, args.duration, args.concurrency, args.batch),
+                    ),
                 ]
                 if round_index % 2:  # alternate the order between rounds
                     runs.reverse()
@@ -439,7 +480,8 @@ def bench_model(model: str, args: argparse.Namespace, workdir: Path) -> tuple[li
                     result.samples[kind].append(sample)
                     print(
                         f"   round {round_index + 1} {t.name:18s} {kind:10s} "
-                        f"{sample.items_per_s:9.1f} items/s {sample.cpu_ms_per_item:7.2f} CPU ms/item",
+                        f"{sample.items_per_s:9.1f} items/s {sample.cpu_ms_per_item:7.2f} CPU ms/item "
+                        f"batch {sample.batch:5.1f}",
                         flush=True,
                     )
         notes = [f"{backend.card.id} {t.name}: {t.description}" for t in traffic]
@@ -459,7 +501,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prompt-classes", type=int, default=8, help="C: class names per prompt request")
     parser.add_argument("--image-items", type=int, default=8, help="images per request")
     parser.add_argument("--image-size", type=int, default=256, help="side of the JPEGs sent")
-    parser.add_argument("--batch", type=int, default=64, help="model batch size (server and in-process)")
+    parser.add_argument("--batch", type=int, default=32, help="model batch size (server and in-process)")
     parser.add_argument("--batch-wait-ms", type=float, default=5.0, help="server --batch-max-wait-ms")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads, both sides")
     parser.add_argument("--duration", type=float, default=6.0, help="seconds per measurement")

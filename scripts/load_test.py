@@ -374,6 +374,50 @@ def run_phase(
     return result
 
 
+def markdown(results: dict[str, Any]) -> str:
+    """The results as the tables docs/reliability.md records."""
+    lines = [
+        f"`{results['command']}` — {results['date']}, {results['machine']['uname']}, "
+        f"nproc {results['machine']['nproc']}, model {results['model']}, {results['clients']} clients "
+        f"({results['capped_clients']} on the capped key)",
+        "",
+        "| phase | traffic | requests | 200/s | items/s | p50 ms | p99 ms | 429/503 p50 | 429/503 p99 |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for name, phase in results["phases"].items():
+        for kind, row in phase["by_kind"].items():
+            lines.append(
+                f"| {name} | {kind} | {row['requests']} | {row['ok_per_s']:.1f} | {row['items_per_s']:.0f} "
+                f"| {row['p50_ms']:.0f} | {row['p99_ms']:.0f} | {row['refused_p50_ms']:.0f} "
+                f"| {row['refused_p99_ms']:.0f} |"
+            )
+    lines += [
+        "",
+        "| phase | seconds | statuses | server RSS MiB (start / median / max / end) |",
+        "| --- | ---: | --- | --- |",
+    ]
+    for name, phase in results["phases"].items():
+        statuses = ", ".join(f"{k}: {v}" for k, v in phase["statuses"].items())
+        memory = phase["memory"]
+        rss = " / ".join(
+            f"{memory.get(k, float('nan')):.0f}" for k in ("start_mib", "median_mib", "max_mib", "end_mib")
+        )
+        lines.append(f"| {name} | {phase['elapsed_s']:.0f} | {statuses} | {rss} |")
+    lines += [
+        "",
+        "| phase | key | budget | spent | ledger sum | items of 200 answers | balanced | within budget |",
+        "| --- | --- | ---: | ---: | ---: | ---: | --- | --- |",
+    ]
+    for name, phase in results["phases"].items():
+        for key, books in phase["ledger"].items():
+            lines.append(
+                f"| {name} | {key} | {books['budget']} | {books['spent_items']} | {books['ledger_sum']} "
+                f"| {books['answered_items']} | {books['balanced']} | {books['within_budget']} |"
+            )
+    lines += ["", "failures: " + ("; ".join(results["failures"]) or "none")]
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -438,10 +482,9 @@ def main(argv: list[str] | None = None) -> int:
             if not (books["balanced"] and books["within_budget"]) or books["unsettled_rows"]:
                 failures.append(f"{name}: the books of key {key!r} do not balance: {books}")
     results["failures"] = failures
-    text = json.dumps(results, indent=2)
-    print(text)
     if args.json is not None:
-        args.json.write_text(text + "\n")
+        args.json.write_text(json.dumps(results, indent=2) + "\n")
+    print(markdown(results))
     for failure in failures:
         print(f"FAILED: {failure}", file=sys.stderr)
     return 1 if failures else 0

@@ -104,7 +104,9 @@ class DynamicBatcher(Generic[T]):
             raise ValueError("nothing to encode")
         if self._closed:
             raise RuntimeError("server shutting down")
-        if len(self._queue) + len(items) > self.queue_limit:
+        # An empty queue takes any request: one larger than the limit is then served (alone)
+        # instead of being refused as "overloaded", a retryable answer it could never outgrow.
+        if self._queue and len(self._queue) + len(items) > self.queue_limit:
             raise Overloaded(self.modality, len(self._queue), self.queue_limit)
         pending = _Pending(asyncio.get_running_loop().create_future(), [None] * len(items), len(items))
         self._queue.extend((pending, i, item) for i, item in enumerate(items))

@@ -6,12 +6,16 @@ server says about itself):
   client rides out the restart (or `--resume` finishes the run), no item is charged twice and
   none is lost (the run's count equals the key's ledger), and the artifact equals the one of an
   undisturbed run with the same seed;
-- the client SIGKILLed (twice) and resumed: the same;
+- the client SIGKILLed (twice) and resumed: the same; killed while it fetches the image features,
+  its count falls short of the ledger (a client/train.py bug, xfail strict);
 - a full disk (a real 1 MiB tmpfs, where this machine lets us mount one) and a failing store
   (in process): 503 store_unavailable in the error envelope, nothing charged, recovery when the
   trouble ends; a crash just after a charge was settled: its retry is replayed, not charged again;
 - a slow and flaky API (latency, 500/503s and cut connections): the run completes, its count
-  equals the ledger, and its artifact equals the undisturbed one.
+  equals the ledger, and its artifact equals the undisturbed one;
+- and three fixed bugs: a request larger than the queue limit on an idle server is served (not
+  refused as overloaded for ever), a restarted random-init server serves the same model, a
+  `file:` database URI keeps its lock next to the file.
 
 Related cases already covered elsewhere (not repeated here): a locked and a read-only database
 (test_budget), a crash with a request in flight refunded at restart (test_budget), faults not
@@ -24,6 +28,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -48,6 +53,7 @@ from server.backends.base import Backend
 from server.backends.registry import create_backend
 from server.settings import ServerSettings
 from server.store import SqliteStore, StoreUnavailable
+from server.store.lock import DatabaseInUse, ServerLock
 from tests.helpers import REPO_ROOT, TINY_MODEL, ServerProcess, assert_error
 
 pytestmark = pytest.mark.slow
@@ -220,6 +226,44 @@ def test_client_killed_twice_and_resumed(reference: Reference, tmp_path: Path) -
     _assert_same_artifact(out, reference.out)
 
 
+@pytest.mark.xfail(
+    strict=True,
+    reason="client/train.py: no checkpoint (and no saved QueryCounter) exists until the first prompt "
+    "step, so a run killed after some image features were fetched and cached restarts its count at 0 "
+    "on --resume; the cached features are not re-requested, so report.json's queries.items stays "
+    "below the key's ledger by what they cost",
+)
+def test_client_killed_while_fetching_features_and_resumed(tmp_path: Path) -> None:
+    # Latency stretches each feature request, so the kill lands between two feature batches.
+    server = ServerProcess(tmp_path / "cbbt.db", extra_args=["--latency-ms", "200"])
+    key = _new_key(server)
+    out, cache, log = tmp_path / "run", tmp_path / "cache", tmp_path / "client.log"
+    with server:
+        argv = _argv(server, key, cache, out)
+        process = _spawn(argv, log)
+        try:
+            deadline = time.monotonic() + CHECKPOINT_WAIT_S
+            while _cached_rows(cache) == 0 and process.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert process.poll() is None and _cached_rows(cache) > 0, _tail(log)
+            process.send_signal(signal.SIGKILL)
+        finally:
+            process.kill()
+            process.wait(timeout=30)
+        assert _checkpoint_step(out) == -1, "killed too late: a checkpoint exists"
+        assert cbbt([*argv, "--resume"]) == 0
+        report = _report(out)
+    _assert_ledger_matches(server.db, key, report)
+
+
+def _cached_rows(cache: Path) -> int:
+    try:
+        with sqlite3.connect(f"file:{cache / 'features.sqlite'}?mode=ro", uri=True, timeout=1) as db:
+            return int(db.execute("SELECT COUNT(*) FROM features").fetchone()[0])
+    except sqlite3.Error:
+        return 0
+
+
 # -- 3. a slow and flaky API ----------------------------------------------------------------
 def test_slow_flaky_api_run_completes_and_counts_match(reference: Reference, tmp_path: Path) -> None:
     faults = ["--latency-ms", "20", "--latency-jitter-ms", "10", "--failure-rate", "0.2"]
@@ -278,11 +322,10 @@ def _tmpfs(path: Path, size: str) -> Iterator[Path]:
 def _fill(directory: Path) -> Path:
     """Fill the file system with one file until it refuses a write (ENOSPC)."""
     filler = directory / "filler"
-    with filler.open("wb") as sink:
+    with filler.open("wb", buffering=0) as sink:  # unbuffered: nothing left to flush at close
         try:
             while True:
                 sink.write(b"\0" * 4096)
-                sink.flush()
         except OSError:
             pass
     return filler
@@ -433,3 +476,46 @@ def test_crash_right_after_a_charge_is_settled_replays_the_retry(
         assert retry.status_code == 200, retry.text
         assert retry.headers.get("x-idempotent-replayed") == "true"
     assert _spent(db, "crashed") == (3, 3)
+
+
+# -- 5. overload ---------------------------------------------------------------------------------------
+def test_a_request_larger_than_the_queue_is_served_not_refused_for_ever(
+    tmp_path: Path, tiny_backend: Backend
+) -> None:
+    """With --queue-max-items below a request's size, that request used to get 503 overloaded
+    (retryable) every time: a client would retry until it gave up. An empty queue now takes it."""
+    db = tmp_path / "cbbt.db"
+    secret = _key(db, "big", budget=None)
+    settings = ServerSettings(model=TINY_MODEL, pretrained="none", db=db, queue_max_items=4)
+    with TestClient(create_app(settings, backend=tiny_backend), raise_server_exceptions=False) as client:
+        _until(lambda: client.get("/ready").status_code == 200)
+        response = _embed(client, secret, 9)
+        assert response.status_code == 200, response.text
+    assert _spent(db, "big") == (9, 9)
+
+
+def test_a_restarted_random_init_server_serves_the_same_model(tiny_backend: Backend) -> None:
+    """pretrained=none weights are seeded: a restart (a new process, any global RNG state) must not
+    swap the model under a client whose cached image features came from the old one."""
+    torch.manual_seed(12345)
+    again = create_backend(TINY_MODEL, "none")
+    for (name, ours), theirs in zip(
+        tiny_backend.model.state_dict().items(),  # type: ignore[attr-defined]
+        again.model.state_dict().values(),  # type: ignore[attr-defined]
+        strict=True,
+    ):
+        assert torch.equal(ours, theirs), name
+
+
+def test_a_read_only_database_uri_locks_next_to_the_file(tmp_path: Path) -> None:
+    """`--db file:/x/cbbt.db?mode=ro` used to create its lock as ./file:/x/cbbt.db?mode=ro.lock,
+    a folder tree named "file:" in whatever directory the server was started from."""
+    db = tmp_path / "cbbt.db"
+    lock = ServerLock(f"file:{db}?mode=ro")
+    lock.acquire()
+    try:
+        assert lock.path == tmp_path / "cbbt.db.lock" and lock.path.exists()
+        with pytest.raises(DatabaseInUse):
+            ServerLock(db).acquire()  # the same database, named the plain way: the same lock
+    finally:
+        lock.release()

@@ -23,6 +23,8 @@ from shared.schemas import ModelCard
 
 logger = logging.getLogger(__name__)
 
+# The seed of random-init weights (pretrained=none): the same model in every process.
+RANDOM_INIT_SEED = 0
 BUILTIN_CONFIG_DIR = Path(__file__).resolve().parent.parent / "model_configs"
 
 
@@ -48,7 +50,13 @@ class OpenClipBackend(Backend):
                 "use this for shapes, budgets and determinism only",
                 name,
             )
-        model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=weights, device=device)
+        # Random weights are seeded: every process (a restart, a second server) must serve the
+        # same model, or features cached by a client stop matching the ones served after it.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(RANDOM_INIT_SEED)
+            model, _, preprocess = open_clip.create_model_and_transforms(
+                name, pretrained=weights, device=device
+            )
         # open_clip modules are duck-typed (CLIP vs CustomTextCLIP): Any keeps mypy out of
         # nn.Module.__getattr__.
         self.model: Any = model.eval()

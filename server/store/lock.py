@@ -10,15 +10,26 @@ from __future__ import annotations
 import fcntl
 import os
 from pathlib import Path
+from urllib.parse import unquote, urlsplit
 
 
 class DatabaseInUse(RuntimeError):
     """Another server process is serving this database."""
 
 
+def database_file(db: Path | str) -> Path:
+    """The file behind a database path or an SQLite `file:` URI (`file:/x/cbbt.db?mode=ro`)."""
+    text = str(db)
+    if text.startswith("file:"):
+        return Path(unquote(urlsplit(text).path))
+    return Path(text)
+
+
 class ServerLock:
-    def __init__(self, db_path: Path) -> None:
-        self.path = Path(f"{db_path}.lock")
+    def __init__(self, db_path: Path | str) -> None:
+        # Next to the database file itself: a `file:` URI taken literally would create a folder
+        # named "file:" in the working directory.
+        self.path = Path(f"{database_file(db_path)}.lock")
         self._fd: int | None = None
 
     def acquire(self) -> None:
