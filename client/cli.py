@@ -22,7 +22,7 @@ from client.train import ESTIMATOR_PRESETS, METHODS, TuneConfig
 from client.train import tune_config as make_tune_config
 
 # The estimator preset `cbbt tune` uses unless told otherwise.
-DEFAULT_ESTIMATOR = "faithful"
+DEFAULT_ESTIMATOR = "fast"
 
 logger = logging.getLogger("cbbt")
 

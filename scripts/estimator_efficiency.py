@@ -1,0 +1,45 @@
+"""Items a prompt tuner needs to reach the faithful CBBT estimator's final validation accuracy.
+
+Reads a `cbbt bench` output folder (curve.json per run) and, per seed, finds the first point
+of each method's curve whose validation accuracy reaches the faithful run's final (selected)
+validation accuracy; items are counted after the run's fixed costs (image features and the
+initial prompt), i.e. prompt-tuning items only. Usage:
+
+    python scripts/estimator_efficiency.py runs/bench-fm12k/fashion-mnist 16 cbbt-prompt cbbt-fast-prompt
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+
+def curve(run: Path) -> list[dict[str, float]]:
+    return [p for p in json.loads((run / "curve.json").read_text()) if p.get("val_accuracy") is not None]
+
+
+def main(root: Path, shots: int, reference: str, methods: list[str]) -> None:
+    for seed_dir in sorted((root / reference / f"{shots}shot").glob("seed*")):
+        ref = json.loads((seed_dir / "report.json").read_text())
+        target = ref["val_accuracy"]
+        ref_curve = curve(seed_dir)
+        start = ref_curve[0]["items"]
+        ref_items = ref["queries"]["items"] - start
+        line = [f"{seed_dir.name}: {reference} final val {target:.3f} after {ref_items:.0f} prompt items"]
+        for method in methods:
+            run = root / method / f"{shots}shot" / seed_dir.name
+            if not (run / "curve.json").exists():
+                continue
+            points = curve(run)
+            reached = next((p for p in points if p["val_accuracy"] >= target), None)
+            if reached is None:
+                line.append(f"{method}: never")
+            else:
+                used = reached["items"] - points[0]["items"]
+                line.append(f"{method}: {used:.0f} items ({used / max(ref_items, 1):.3f} of the faithful's)")
+        print("; ".join(line))
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4:])
