@@ -43,6 +43,7 @@ logger = logging.getLogger(__name__)
 Method = Literal["cbbt", "cbbt-prompt", "adapter", "zero-shot"]
 METHODS: tuple[str, ...] = ("cbbt", "cbbt-prompt", "adapter", "zero-shot")
 CHECKPOINT_FILE = "checkpoint.pt"
+FEATURE_LOG_FILE = "feature_spend.json"
 RUN_FILE = "run.json"
 
 
@@ -312,10 +313,46 @@ class Tuner:
         def labels(examples: list[Example]) -> torch.Tensor:
             return torch.tensor([e.label for e in examples], dtype=torch.long)
 
-        train = torch.from_numpy(self.features.features(s.train, self.cfg.views))
-        val = torch.from_numpy(self.features.features(s.val, 1))[:, 0]
-        test = torch.from_numpy(self.features.features(s.test, 1))[:, 0]
+        with self._logging_feature_spend():
+            train = torch.from_numpy(self.features.features(s.train, self.cfg.views))
+            val = torch.from_numpy(self.features.features(s.val, 1))[:, 0]
+            test = torch.from_numpy(self.features.features(s.test, 1))[:, 0]
         return Data(train, labels(s.train), val, labels(s.val), test, labels(s.test))
+
+    @contextmanager
+    def _logging_feature_spend(self) -> Iterator[None]:
+        """Persist what this run paid for image features, batch by batch.
+
+        Nothing is checkpointed before the first prompt step, and a resumed run finds the
+        features it already paid for in the cache (it never asks again), so without this log
+        a run killed while fetching features would under-report its spending.
+        """
+        path = self.out_dir / FEATURE_LOG_FILE
+        spent = json.loads(path.read_text()) if path.exists() else {"calls": 0, "items": 0}
+        chained = self.features.progress
+
+        def record(images: int) -> None:
+            spent["calls"] += 1
+            spent["items"] += images
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(spent))
+            tmp.replace(path)
+            if chained is not None:
+                chained(images)
+
+        self.features.progress = record
+        try:
+            yield
+        finally:
+            self.features.progress = chained
+
+    def _restore_feature_spend(self) -> None:
+        """On a resume with no checkpoint yet, count the features earlier attempts paid for."""
+        path = self.out_dir / FEATURE_LOG_FILE
+        if path.exists() and not (self.out_dir / CHECKPOINT_FILE).exists():
+            spent = json.loads(path.read_text())
+            self.client.counter.calls += int(spent["calls"])
+            self.client.counter.items += int(spent["items"])
 
     def text_features(self, thetas: torch.Tensor, key: str) -> torch.Tensor:
         """[P, M, W] prompts -> [P, C, D] class text features, in as few requests as allowed."""
@@ -351,6 +388,10 @@ class Tuner:
         feature_items = self.feature_items()
         self.plan(None, feature_items)  # a budget that cannot pay for the features: stop before paying
         self.state = TuneState(run_id=self._run_id(resume))
+        if resume:
+            self._restore_feature_spend()
+        else:
+            (self.out_dir / FEATURE_LOG_FILE).unlink(missing_ok=True)
         tokens = self.client.token_embeddings(cfg.init_text, idempotency_key=f"{self.state.run_id}/tokens")
         theta0 = torch.from_numpy(tokens).float()
         plan = self._fixed_plan(self.plan(theta0.numel(), feature_items), resume)

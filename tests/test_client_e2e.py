@@ -42,7 +42,21 @@ pytestmark = pytest.mark.slow
 
 # Small runs: 4 shots x 10 classes, 4 validation images per class, q = 8 directions (90 items a
 # step), one view per image, 2 prompt steps per epoch.
-SMALL = ["--shots", "4", "--views", "1", "--directions", "8", "--seed", "1", "--no-progress"]
+# The faithful estimator preset, so the step arithmetic below is the documented one; the
+# default preset (fast) has its own end-to-end test below.
+SMALL = [
+    "--estimator",
+    "faithful",
+    "--shots",
+    "4",
+    "--views",
+    "1",
+    "--directions",
+    "8",
+    "--seed",
+    "1",
+    "--no-progress",
+]
 
 
 @dataclass(frozen=True)
@@ -306,3 +320,22 @@ def test_the_servers_quota_stops_the_run_cleanly(tiny_server: ServerProcess, tmp
     usage = ledger(tiny_server, key)
     assert usage.spent_items == 130 + 11 + 5 * 90 <= 600
     assert_ledger_matches(report, usage)
+
+
+def test_the_default_fast_estimator_runs_end_to_end(tiny_server: ServerProcess, tmp_path: Path) -> None:
+    key = new_key(tiny_server)
+    argv = [
+        "tune", "--server", tiny_server.url, "--api-key", key.secret,
+        "--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "run"),
+        "--shots", "4", "--views", "2", "--seed", "2", "--no-progress", *TINY_DATA,
+        "--budget", "1200", "--adapter-epochs", "3",
+    ]  # fmt: skip
+    assert cbbt(argv) == 0
+    report = read_report(tmp_path / "run")
+    config = report["config"]
+    assert config["estimator"] == "fast" and config["batch_size"] == 0 and config["adapter"] == "tip"
+    # 4 antithetic directions: the base prompt + 8 perturbed prompts per step, in one call each.
+    assert report["queries"]["loss_evaluations"] == 1 + 9 * report["prompt_steps"]
+    assert report["prompt_steps"] == report["plan"]["steps"] > 0
+    assert report["queries"]["items"] <= 1200
+    assert_ledger_matches(report, ledger(tiny_server, key))

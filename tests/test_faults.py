@@ -227,13 +227,6 @@ def test_client_killed_twice_and_resumed(reference: Reference, tmp_path: Path) -
     _assert_same_artifact(out, reference.out)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="client/train.py: no checkpoint (and no saved QueryCounter) exists until the first prompt "
-    "step, so a run killed after some image features were fetched and cached restarts its count at 0 "
-    "on --resume; the cached features are not re-requested, so report.json's queries.items stays "
-    "below the key's ledger by what they cost",
-)
 def test_client_killed_while_fetching_features_and_resumed(tmp_path: Path) -> None:
     # Latency stretches each feature request, so the kill lands between two feature batches.
     server = ServerProcess(tmp_path / "cbbt.db", extra_args=["--latency-ms", "200"])
