@@ -190,6 +190,13 @@ METHODS: dict[str, MethodSpec] = _specs(
         "cbbt's estimator + Tip-Adapter-F cache on the tuned prompt's logits",
     ),
     MethodSpec(
+        "cbbt-fast-residual",
+        "tune",
+        {"method": "cbbt", "estimator": "fast", "adapter": "residual"},
+        _NEEDS_PROMPTS,
+        "cbbt's estimator + CBBT's residual adapter",
+    ),
+    MethodSpec(
         "cmaes-prompt-fullbatch",
         "tune",
         {"method": "cbbt-prompt", "optimizer": "cmaes", "batch_size": 0},

@@ -33,11 +33,16 @@ def main(root: Path, shots: int, reference: str, methods: list[str]) -> None:
                 continue
             points = curve(run)
             reached = next((p for p in points if p["val_accuracy"] >= target), None)
+            tenth = [p for p in points if p["items"] - points[0]["items"] <= ref_items / 10]
+            best_at_tenth = max(p["val_accuracy"] for p in tenth)
             if reached is None:
-                line.append(f"{method}: never")
+                line.append(f"{method}: never (best val at 1/10 of the items {best_at_tenth:.3f})")
             else:
                 used = reached["items"] - points[0]["items"]
-                line.append(f"{method}: {used:.0f} items ({used / max(ref_items, 1):.3f} of the faithful's)")
+                line.append(
+                    f"{method}: {used:.0f} items ({used / max(ref_items, 1):.3f} of the faithful's; "
+                    f"best val at 1/10 of the items {best_at_tenth:.3f})"
+                )
         print("; ".join(line))
 
 
