@@ -306,13 +306,16 @@ def run_feature_baseline(
     out_dir.mkdir(parents=True, exist_ok=True)
     card = client.model_card()
     classes = list(split.class_names)
-    feature_items = feature_items_needed(features, split, cfg.views)
-    fixed = feature_items + len(classes)
+    # As the tuner does, the budget counts image features at full price, cached or not, so
+    # the check does not depend on what other runs left in the cache.
+    full_price = features.item_count(split.train, cfg.views) + features.item_count(split.val + split.test, 1)
+    fixed = full_price + len(classes)
     if cfg.budget is not None and fixed > cfg.budget:
         raise BudgetTooSmall(
             f"a budget of {cfg.budget} items cannot pay for the image features and the class texts "
-            f"({feature_items} + {len(classes)} = {fixed} items)"
+            f"({full_price} + {len(classes)} = {fixed} items)"
         )
+    feature_items = feature_items_needed(features, split, cfg.views)  # what this run pays
     counter = client.counter
     train = torch.from_numpy(features.features(split.train, cfg.views))
     val = torch.from_numpy(features.features(split.val, 1))[:, 0]

@@ -14,8 +14,8 @@ order of the grid. Each run records
 - `items_charged`: what its own key was charged (≈ no image features, they were cached);
 - `feature_items_if_uncached`: the images it used (train × views + val + test);
 - `items_including_features`: what it would have cost alone from a cold cache.
-`--budget` caps `items_including_features`: a tuner run gets `budget − feature items it did not
-pay for` as its own cap, so every method has the same total allowance.
+`--budget` caps `items_including_features`: the tuner and the feature baselines plan image
+features at full price, cached or not, so every method has the same total allowance.
 
 Methods are data (`METHODS`): a name, how it runs (`tune`: `Tuner` with `TuneConfig`
 overrides; `feature`: a zero-query baseline from `client.baselines`; `whitebox`: the CoOp
@@ -71,6 +71,7 @@ __all__ = [
 Kind = Literal["tune", "feature", "whitebox"]
 CACHE_FILE = "features.sqlite"
 PASSES_FILE = "feature_passes.jsonl"
+TUNER_FEATURE_LOG = "feature_spend.json"  # written by client.train.Tuner when it pays for features
 LOCAL_KEY_BUDGET = 10**12
 REPO_ROOT = Path(__file__).resolve().parent.parent
 WHITEBOX_SCRIPT = REPO_ROOT / "benchmarks" / "whitebox.py"
@@ -438,13 +439,6 @@ class Bench:
     def _views(self, spec: MethodSpec) -> int:
         return int(spec.overrides.get("views", self.cfg.tune_overrides.get("views", self.cfg.views)))
 
-    def _run_budget(self, store: FeatureStore, split: FewShotSplit, views: int) -> int | None:
-        """The run's own cap: the bench budget minus the image features it gets from the cache."""
-        if self.cfg.budget is None:
-            return None
-        missing = store.missing_count(split.train, views) + store.missing_count(split.val + split.test, 1)
-        return self.cfg.budget - (feature_items_if_uncached(split, views) - missing)
-
     def _run_tuner(self, spec: MethodSpec, split: FewShotSplit, out: Path, bar: tqdm) -> None:
         views = self._views(spec)
         with self._client() as client:
@@ -488,7 +482,7 @@ class Bench:
                     "shots": split.shots,
                     "seed": split.seed,
                     "views": views,
-                    "budget": self._run_budget(store, split, views),
+                    "budget": self.cfg.budget,  # features at full price, as for the tuner
                 }
             )
             run_feature_baseline(client, store, split, feature_cfg, out)
@@ -561,17 +555,19 @@ class Bench:
         if status == "cached" and saved.exists():  # the bench's own record of that run
             record = {**json.loads(saved.read_text()), "status": status}
         report = json.loads((out / "report.json").read_text())
-        record.update(_counts(report, record["feature_items_if_uncached"]))
+        record.update(_counts(report, record["feature_items_if_uncached"], out))
         if status == "done":
             saved.write_text(json.dumps(record, indent=2))
         return {**record, "report": report}
 
 
-def _counts(report: Mapping[str, Any], uncached: int) -> dict[str, Any]:
+def _counts(report: Mapping[str, Any], uncached: int, out: Path) -> dict[str, Any]:
+    """Items charged, the image features among them, and items including cached features."""
     queries = report.get("queries") or {}
-    charged_features = report.get("feature_items_charged")
-    if charged_features is None:
-        charged_features = (report.get("plan") or {}).get("feature_items", 0)
+    charged_features = report.get("feature_items_charged")  # feature baselines, white-box
+    if charged_features is None:  # the tuner logs what it paid for features as it fetches them
+        spend = out / TUNER_FEATURE_LOG
+        charged_features = json.loads(spend.read_text()).get("items", 0) if spend.exists() else 0
     items = int(queries.get("items", 0))
     return {
         "items_charged": items,
@@ -590,7 +586,7 @@ def collect_on_disk(data_out: Path, known: Iterable[str]) -> list[dict[str, Any]
             continue
         record = json.loads(saved.read_text())
         report = json.loads((out / "report.json").read_text())
-        record.update(_counts(report, record["feature_items_if_uncached"]))
+        record.update(_counts(report, record["feature_items_if_uncached"], out))
         found.append({**record, "status": "on-disk", "report": report})
     return found
 

@@ -21,8 +21,10 @@ from client.plan import BudgetTooSmall
 from client.train import ESTIMATOR_PRESETS, METHODS, TuneConfig
 from client.train import tune_config as make_tune_config
 
-# The estimator preset `cbbt tune` uses unless told otherwise.
-DEFAULT_ESTIMATOR = "fast"
+# The estimator preset each method uses unless told otherwise: the benchmark's winner for that
+# method (docs/benchmarks.md, "Estimator"). For the prompt alone `fast` is far better at equal
+# items; with the adapter the two tie within seed noise, so `cbbt` keeps CBBT's own estimator.
+DEFAULT_ESTIMATOR_BY_METHOD = {"cbbt": "faithful", "cbbt-prompt": "fast"}
 
 logger = logging.getLogger("cbbt")
 
@@ -136,7 +138,8 @@ def tune_config(args: argparse.Namespace) -> TuneConfig:
     }
     if overrides.get("method") not in (None, *METHODS):
         raise SystemExit(f"--method must be one of {', '.join(METHODS)}")
-    estimator = str(overrides.pop("estimator", DEFAULT_ESTIMATOR))
+    method = str(overrides.get("method", "cbbt"))
+    estimator = str(overrides.pop("estimator", DEFAULT_ESTIMATOR_BY_METHOD.get(method, "faithful")))
     try:
         return make_tune_config(estimator, **{k: v for k, v in overrides.items() if k in names})
     except ValueError as exc:

@@ -25,7 +25,7 @@ logger = logging.getLogger("cbbt")
 
 CACHE_FILE = "features.sqlite"
 # The demo: small enough for a few minutes on 2 CPU cores, large enough to show learning.
-DEMO_BUDGET = 15_000
+DEMO_BUDGET = 24_000
 DEMO_TEST_PER_CLASS = 50
 
 

@@ -346,6 +346,11 @@ class Tuner:
         finally:
             self.features.progress = chained
 
+    def _feature_items_charged(self) -> int:
+        """Image features this run paid for (the rest came from the cache)."""
+        path = self.out_dir / FEATURE_LOG_FILE
+        return int(json.loads(path.read_text())["items"]) if path.exists() else 0
+
     def _restore_feature_spend(self) -> None:
         """On a resume with no checkpoint yet, count the features earlier attempts paid for."""
         path = self.out_dir / FEATURE_LOG_FILE
@@ -592,6 +597,7 @@ class Tuner:
             "adapter_epochs": self.state.adapter_epoch,
             "stopped_reason": self.state.stopped_reason,
             "queries": self.client.counter.as_dict(),
+            "feature_items_charged": self._feature_items_charged(),
             "budget": self.cfg.budget,
             "plan": plan.as_dict(),
             "test_images": int(data.test.shape[0]),

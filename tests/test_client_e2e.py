@@ -43,7 +43,7 @@ pytestmark = pytest.mark.slow
 # Small runs: 4 shots x 10 classes, 4 validation images per class, q = 8 directions (90 items a
 # step), one view per image, 2 prompt steps per epoch.
 # The faithful estimator preset, so the step arithmetic below is the documented one; the
-# default preset (fast) has its own end-to-end test below.
+# fast preset has its own end-to-end test below.
 SMALL = [
     "--estimator",
     "faithful",
@@ -322,13 +322,13 @@ def test_the_servers_quota_stops_the_run_cleanly(tiny_server: ServerProcess, tmp
     assert_ledger_matches(report, usage)
 
 
-def test_the_default_fast_estimator_runs_end_to_end(tiny_server: ServerProcess, tmp_path: Path) -> None:
+def test_the_fast_estimator_runs_end_to_end(tiny_server: ServerProcess, tmp_path: Path) -> None:
     key = new_key(tiny_server)
     argv = [
         "tune", "--server", tiny_server.url, "--api-key", key.secret,
         "--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "run"),
         "--shots", "4", "--views", "2", "--seed", "2", "--no-progress", *TINY_DATA,
-        "--budget", "1200", "--adapter-epochs", "3",
+        "--budget", "1200", "--adapter-epochs", "3", "--estimator", "fast",
     ]  # fmt: skip
     assert cbbt(argv) == 0
     report = read_report(tmp_path / "run")

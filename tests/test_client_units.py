@@ -512,3 +512,16 @@ def test_baseline_appends_the_base_point_last_and_hides_it_from_the_optimiser() 
     assert len(seen) == 1
     torch.testing.assert_close(seen[0][-1], theta.reshape(-1))
     assert seen[0].shape[0] == stepper.points_per_step
+
+
+def test_each_method_gets_its_benchmarked_default_estimator() -> None:
+    from client.cli import build_parser, tune_config
+
+    def config(*extra: str) -> object:
+        return tune_config(build_parser().parse_args(["tune", "--data", "digits", "--out", "x", *extra]))
+
+    assert config().estimator == "faithful"  # type: ignore[attr-defined]
+    prompt_only = config("--method", "cbbt-prompt")
+    assert prompt_only.estimator == "fast" and prompt_only.batch_size == 0  # type: ignore[attr-defined]
+    explicit = config("--method", "cbbt-prompt", "--estimator", "faithful", "--directions", "8")
+    assert explicit.estimator == "faithful" and explicit.directions == 8  # type: ignore[attr-defined]
