@@ -141,6 +141,9 @@ def demo(args: argparse.Namespace) -> int:
         logger.warning("%s; falling back to scikit-learn's digits", exc)
         data = "digits"
     budget = args.budget or DEMO_BUDGET
+    # The server shares this machine's cores: a one-thread client keeps the two from
+    # oversubscribing them (the client's local work, the adapter, is small).
+    torch.set_num_threads(1)
     out: Path = args.out
     if out.exists():
         shutil.rmtree(out)
