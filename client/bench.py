@@ -54,6 +54,7 @@ from client.cli import _TUNE_FLAGS, ClientSettings, _add_connection, _add_data
 from client.data import Dataset, FewShotSplit, few_shot_split, load_dataset
 from client.features import FeatureCache, FeatureStore
 from client.local_server import LocalServer
+from client.report import json_safe
 from client.train import StopRequested, TuneConfig, Tuner, tune_config
 
 logger = logging.getLogger(__name__)
@@ -649,21 +650,11 @@ def write_outputs(cfg: BenchConfig, records: list[dict[str, Any]], passes: list[
         "feature_passes": passes,
         "runs": records,
     }
-    (data_out / "results.json").write_text(json.dumps(_finite(payload), indent=2))
+    (data_out / "results.json").write_text(json.dumps(json_safe(payload), indent=2))
     (data_out / "results.md").write_text(results_markdown(cfg, records, passes))
     plot_items(records, data_out)
     plot_shots(records, data_out / "acc_vs_shots.png")
     logger.info("wrote %s", data_out / "results.md")
-
-
-def _finite(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_finite(v) for v in value]
-    return value
 
 
 def _method_order(records: Sequence[Mapping[str, Any]]) -> list[str]:

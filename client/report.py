@@ -10,20 +10,21 @@ from pathlib import Path
 logger = logging.getLogger(__name__)
 
 
-def _finite(value: object) -> object:
+def json_safe(value: object) -> object:
+    """NaN and infinities become null (JSON has neither), recursively."""
     if isinstance(value, float) and not math.isfinite(value):
         return None
     if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
+        return {k: json_safe(v) for k, v in value.items()}
     if isinstance(value, list):
-        return [_finite(v) for v in value]
+        return [json_safe(v) for v in value]
     return value
 
 
 def write_report(report: dict[str, object], curve: list[dict[str, float]], out_dir: Path) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "report.json").write_text(json.dumps(_finite(report), indent=2))
-    (out_dir / "curve.json").write_text(json.dumps(_finite(curve)))
+    (out_dir / "report.json").write_text(json.dumps(json_safe(report), indent=2))
+    (out_dir / "curve.json").write_text(json.dumps(json_safe(curve)))
     plot_curve(curve, out_dir / "curve.png", title=f"{report.get('method')} · {report.get('shots')}-shot")
 
 
