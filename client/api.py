@@ -257,27 +257,24 @@ class CbbtClient:
     ) -> npt.NDArray[np.float32]:
         """Image file bytes -> [N, D] features (one call; split large sets yourself)."""
         uris = [f"data:{_mime(b)};base64,{base64.b64encode(b).decode()}" for b in images]
-        body = {"input": uris, "modality": "image", "encoding_format": "base64"}
-        answer = self.request(
-            "POST",
-            f"{API_PREFIX}/embeddings",
-            EmbeddingResponse,
-            json=body,
-            items=len(uris),
-            idempotency_key=idempotency_key,
-        )
-        return _stack(answer, self.model_card().feature_dim)
+        return self._embed(uris, "image", idempotency_key)
 
     def embed_texts(
         self, texts: Sequence[str], *, idempotency_key: str | None = None
     ) -> npt.NDArray[np.float32]:
-        body = {"input": list(texts), "encoding_format": "base64"}
+        return self._embed(list(texts), "text", idempotency_key)
+
+    def _embed(
+        self, inputs: list[str], modality: str, idempotency_key: str | None
+    ) -> npt.NDArray[np.float32]:
+        """One /v1/embeddings call: N inputs (texts or image data URIs) -> [N, D] features."""
+        body = {"input": inputs, "modality": modality, "encoding_format": "base64"}
         answer = self.request(
             "POST",
             f"{API_PREFIX}/embeddings",
             EmbeddingResponse,
             json=body,
-            items=len(texts),
+            items=len(inputs),
             idempotency_key=idempotency_key,
         )
         return _stack(answer, self.model_card().feature_dim)

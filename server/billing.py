@@ -13,6 +13,7 @@ import logging
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 from fastapi import Request, Response
 from pydantic import BaseModel
@@ -26,6 +27,7 @@ from server.store.base import ApiKey, KeyNotFound, QuotaExceeded, Reservation, S
 from shared.errors import ErrorCode
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 IDEMPOTENCY_HEADER = "idempotency-key"
 REPLAY_HEADER = "x-idempotent-replayed"
@@ -45,7 +47,7 @@ def _store(state: ServiceState) -> Store:
     return state.store
 
 
-async def _store_call(state: ServiceState, fn: Callable[..., object], *args: object) -> object:
+async def _store_call(state: ServiceState, fn: Callable[..., T], *args: object) -> T:
     try:
         return await run_in_threadpool(fn, *args)
     except StoreUnavailable as exc:
@@ -69,7 +71,6 @@ async def require_caller(request: Request) -> Caller:
     key = await _store_call(state, _store(state).authenticate, token.strip())
     if key is None:
         raise ApiError(401, ErrorCode.invalid_api_key, "invalid or revoked API key")
-    assert isinstance(key, ApiKey)
     return Caller(key=key)
 
 
@@ -132,7 +133,7 @@ async def _begin_idempotent(
     )
     if record is None:
         return None
-    if record.body_hash != fingerprint:  # type: ignore[attr-defined]
+    if record.body_hash != fingerprint:
         raise ApiError(
             409,
             ErrorCode.idempotency_conflict,
@@ -140,7 +141,7 @@ async def _begin_idempotent(
             param="Idempotency-Key",
             headers={"x-should-retry": "false"},
         )
-    if record.status is None:  # type: ignore[attr-defined]
+    if record.status is None:
         raise ApiError(
             409,
             ErrorCode.idempotency_conflict,
@@ -148,9 +149,9 @@ async def _begin_idempotent(
             param="Idempotency-Key",
             headers={"Retry-After": "1"},
         )
-    headers = dict(record.headers)  # type: ignore[attr-defined]
+    headers = dict(record.headers)
     headers[REPLAY_HEADER] = "true"
-    return Response(record.body, status_code=record.status, headers=headers)  # type: ignore[attr-defined]
+    return Response(record.body, status_code=record.status, headers=headers)
 
 
 async def _charged(

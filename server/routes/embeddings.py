@@ -10,11 +10,13 @@ from starlette.concurrency import run_in_threadpool
 
 from server.backends.base import Backend
 from server.billing import Caller, Charge, billed, require_caller
+from server.errors import ApiError
 from server.images import ImageLimits, decode_image
 from server.settings import ServerSettings
 from server.state import ready_state
 from server.validation import check_item_count, check_model, check_texts
 from shared.arrays import encode_array
+from shared.errors import ErrorCode
 from shared.schemas import EmbeddingData, EmbeddingRequest, EmbeddingResponse, Usage
 
 router = APIRouter(tags=["embeddings"])
@@ -52,9 +54,6 @@ async def create_embeddings(
     check_model(body.model, backend)
     inputs = [body.input] if isinstance(body.input, str) else list(body.input)
     if not inputs:
-        from server.errors import ApiError
-        from shared.errors import ErrorCode
-
         raise ApiError(400, ErrorCode.invalid_request, "input is empty", param="input")
     check_item_count(len(inputs), state.settings, param="input")
 

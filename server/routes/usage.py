@@ -9,7 +9,7 @@ from fastapi import APIRouter, Depends, Request
 from server.billing import Caller, _store, _store_call, require_caller
 from server.errors import ApiError
 from server.state import get_state
-from server.store.base import ApiKey, LedgerRow
+from server.store.base import LedgerRow
 from shared.errors import ErrorCode
 from shared.schemas import LedgerEntry, UsageReport
 
@@ -23,10 +23,7 @@ async def usage(
     if caller.key is None:
         raise ApiError(404, ErrorCode.not_found, "usage accounting is off on this server (auth disabled)")
     state = get_state(request)
-    result = await _store_call(state, _store(state).usage, caller.key.id, max(0, min(recent, 1000)))
-    assert isinstance(result, tuple)
-    key: ApiKey = result[0]
-    rows: list[LedgerRow] = result[1]
+    key, rows = await _store_call(state, _store(state).usage, caller.key.id, max(0, min(recent, 1000)))
     return UsageReport(
         key_name=key.name,
         budget_items=key.budget_items,
