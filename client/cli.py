@@ -178,6 +178,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BudgetTooSmall as exc:  # refused before anything was spent: a message, not a traceback
         logger.error("%s", exc)
         return 2
+    except (FileNotFoundError, ValueError) as exc:  # bad data spec or split file, artifact, resume
+        logger.error("%s", exc, exc_info=args.verbose)
+        return 2
     except KeyboardInterrupt:
         logger.warning("interrupted")
         return 130

@@ -525,3 +525,12 @@ def test_each_method_gets_its_benchmarked_default_estimator() -> None:
     assert prompt_only.estimator == "fast" and prompt_only.batch_size == 0  # type: ignore[attr-defined]
     explicit = config("--method", "cbbt-prompt", "--estimator", "faithful", "--directions", "8")
     assert explicit.estimator == "faithful" and explicit.directions == 8  # type: ignore[attr-defined]
+
+
+def test_the_cli_reports_bad_input_in_one_line_and_exits_2(tmp_path: Path) -> None:
+    from client.cli import main
+
+    assert main(["tune", "--data", "nope", "--out", str(tmp_path / "run")]) == 2
+    assert main(["tune", "--data", f"coop:{tmp_path}/missing.json:{tmp_path}", "--out", str(tmp_path)]) == 2
+    assert main(["eval", "--artifact", str(tmp_path / "missing"), "--data", "digits"]) == 2
+    assert not (tmp_path / "run").exists()  # refused before any output (or query)
