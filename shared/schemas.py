@@ -23,6 +23,18 @@ class _Body(BaseModel):
     model_config = ConfigDict(extra="ignore", protected_namespaces=())
 
 
+class RequestLimits(_Body):
+    """What one request may carry; clients split their work by these, never by guesses."""
+
+    max_items_per_request: int
+    max_body_bytes: int
+    max_image_bytes: int
+    max_image_pixels: int
+    max_text_chars: int
+    max_class_name_chars: int
+    max_word_chars: int | None = None  # longest whitespace-free run in a text, when bounded
+
+
 class ModelCard(_Body):
     """What a client may know about the hosted model: no weights, no internals."""
 
@@ -39,6 +51,7 @@ class ModelCard(_Body):
     causal_text: bool
     has_semantics: bool
     description: str = ""
+    limits: RequestLimits | None = None  # None from servers that predate it
 
 
 class ModelList(_Body):

@@ -311,6 +311,7 @@ def test_no_route_returns_weights_or_gradients(tmp_path: Path) -> None:
     assert set(card) == {
         "id", "object", "owned_by", "backend", "feature_dim", "token_width", "max_context_vectors",
         "context_length", "logit_scale", "image_size", "causal_text", "has_semantics", "description",
+        "limits",
     }  # fmt: skip
 
 
