@@ -14,8 +14,9 @@ from fastapi.middleware.cors import CORSMiddleware
 from server.backends.base import Backend
 from server.backends.registry import create_backend
 from server.errors import install_error_handlers
+from server.guard import RequestGuardMiddleware
 from server.metrics import Metrics
-from server.middleware import BodyLimitMiddleware, FaultInjectionMiddleware, MetricsMiddleware
+from server.middleware import FaultInjectionMiddleware, MetricsMiddleware
 from server.ratelimit import RateLimiter
 from server.routes import classify, embeddings, health, models, prompts, usage
 from server.settings import ServerSettings
@@ -105,7 +106,8 @@ def create_app(
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"])
     app.add_middleware(MetricsMiddleware, metrics=metrics, routes=routes)
-    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    # Outermost: refusals that cost nothing happen before any other layer does work.
+    app.add_middleware(RequestGuardMiddleware, state=state)
     return app
 
 

@@ -6,6 +6,8 @@ waiting at most `max_wait_s` after the first one for more, and runs the model on
 worker thread (off the event loop, one batch at a time: torch already uses every core for
 one batch). Items of one request may be split across batches; the answer keeps their order.
 A full queue is refused at once (`Overloaded`) instead of growing memory without bound.
+A failed batch that mixes requests is run again request by request, so one request's bad item
+fails that request only, never the others it happened to share a batch with.
 """
 
 from __future__ import annotations
@@ -33,6 +35,13 @@ class Overloaded(Exception):
     def __init__(self, modality: str, queued: int, limit: int) -> None:
         super().__init__(f"{modality} queue is full ({queued} items queued, limit {limit})")
         self.modality = modality
+
+
+class ShuttingDown(RuntimeError):
+    """The batcher stopped (server shutdown) before the request was answered."""
+
+    def __init__(self) -> None:
+        super().__init__("server shutting down")
 
 
 @dataclass
@@ -96,14 +105,14 @@ class DynamicBatcher(Generic[T]):
                 await self._task
         while self._queue:
             pending, _, _ = self._queue.popleft()
-            pending.fail(RuntimeError("server shutting down"))
+            pending.fail(ShuttingDown())
 
     async def submit(self, items: Sequence[T]) -> torch.Tensor:
         """Encode `items`; returns a [len(items), D] tensor in the same order."""
         if not items:
             raise ValueError("nothing to encode")
         if self._closed:
-            raise RuntimeError("server shutting down")
+            raise ShuttingDown()
         # An empty queue takes any request: one larger than the limit is then served (alone)
         # instead of being refused as "overloaded", a retryable answer it could never outgrow.
         if self._queue and len(self._queue) + len(items) > self.queue_limit:
@@ -122,7 +131,6 @@ class DynamicBatcher(Generic[T]):
                 self.observer.on_queue_depth(self.modality, len(self._queue))
 
     async def _collect(self) -> None:
-        loop = asyncio.get_running_loop()
         while True:
             if not self._queue:
                 self._wakeup.clear()
@@ -131,19 +139,35 @@ class DynamicBatcher(Generic[T]):
             await self._wait_for_fill()
             batch = [self._queue.popleft() for _ in range(min(self.max_items, len(self._queue)))]
             self.observer.on_queue_depth(self.modality, len(self._queue))
-            started = time.perf_counter()
-            try:
-                out = await loop.run_in_executor(
-                    self.executor, self.run_batch, [item for _, _, item in batch]
-                )
-            except Exception as exc:  # the model failed: fail exactly the requests in this batch
+            await self._run(batch)
+
+    async def _run(self, batch: list[tuple[_Pending, int, T]]) -> None:
+        """Run one batch; if it fails and holds several requests, run each request's share alone."""
+        loop = asyncio.get_running_loop()
+        started = time.perf_counter()
+        try:
+            out = await loop.run_in_executor(self.executor, self.run_batch, [item for _, _, item in batch])
+        except Exception as exc:
+            shares: dict[int, list[tuple[_Pending, int, T]]] = {}
+            for entry in batch:
+                shares.setdefault(id(entry[0]), []).append(entry)
+            if len(shares) == 1:  # one request's items only: fail exactly that request
                 logger.exception("%s batch of %d failed", self.modality, len(batch))
-                for pending, _, _ in batch:
-                    pending.fail(exc)
-                continue
-            self.observer.on_batch(self.modality, len(batch), time.perf_counter() - started)
-            for row, (pending, index, _) in zip(out, batch, strict=True):
-                pending.fill(index, row)
+                batch[0][0].fail(exc)
+                return
+            logger.warning(
+                "%s batch of %d failed; retrying its %d requests one by one: %s",
+                self.modality,
+                len(batch),
+                len(shares),
+                exc,
+            )
+            for share in shares.values():
+                await self._run(share)
+            return
+        self.observer.on_batch(self.modality, len(batch), time.perf_counter() - started)
+        for row, (pending, index, _) in zip(out, batch, strict=True):
+            pending.fill(index, row)
 
     async def _wait_for_fill(self) -> None:
         """Give concurrent requests up to max_wait_s to join a batch that is not yet full."""

@@ -1,9 +1,13 @@
 """Authentication and the charge-around-the-work gate every /v1 model route goes through.
 
-Order of a charged request (bad input was already rejected, for free, by the route):
-scope -> idempotent replay -> rate limit -> reserve the items (one atomic conditional
-update) -> run the model -> settle. Anything that fails on the server side after the
-reservation refunds it, so every item charged belongs to a request that was answered.
+Order of a charged request (the guard authenticated it from the headers; the route checked
+what costs nothing: counts, shapes of the JSON):
+scope -> rate limit -> idempotent replay (free of budget, but it counts as a request) ->
+budget pre-check (a request whose items exceed what the key has left is refused before any
+per-item CPU work) -> `prepare`, the CPU-costly validation (tokenising, decoding), on a worker
+thread -> reserve the items (one atomic conditional update) -> run the model -> settle.
+Anything that fails on the server side after the reservation refunds it, so every item
+charged belongs to a request that was answered.
 """
 
 from __future__ import annotations
@@ -13,14 +17,15 @@ import logging
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, Generic, TypeVar
 
 from fastapi import Request, Response
 from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 
-from server.batching import Overloaded
+from server.batching import Overloaded, ShuttingDown
 from server.errors import ApiError
+from server.guard import KEY_SCOPE_KEY
 from server.ratelimit import RateDecision, rate_limit_headers, retry_after_headers
 from server.state import ServiceState, get_state
 from server.store.base import ApiKey, KeyNotFound, QuotaExceeded, Reservation, Store, StoreUnavailable
@@ -28,6 +33,7 @@ from shared.errors import ErrorCode
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
+P = TypeVar("P")
 
 IDEMPOTENCY_HEADER = "idempotency-key"
 REPLAY_HEADER = "x-idempotent-replayed"
@@ -65,6 +71,8 @@ async def require_caller(request: Request) -> Caller:
     state = get_state(request)
     if not state.settings.auth:
         return Caller(key=None)
+    if KEY_SCOPE_KEY in request.scope:  # authenticated by the guard, before the body was read
+        return Caller(key=request.scope[KEY_SCOPE_KEY])
     scheme, _, token = request.headers.get("authorization", "").partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
         raise ApiError(401, ErrorCode.invalid_api_key, "missing API key: send 'Authorization: Bearer <key>'")
@@ -75,7 +83,13 @@ async def require_caller(request: Request) -> Caller:
 
 
 def body_fingerprint(endpoint: str, body: BaseModel) -> str:
-    return hashlib.sha256(f"{endpoint}\n{body.model_dump_json()}".encode()).hexdigest()
+    try:
+        dumped = body.model_dump_json()
+    except ValueError as exc:  # the guard refuses strings that are not valid Unicode; never a 500
+        raise ApiError(
+            400, ErrorCode.invalid_request, "the body holds text that is not valid Unicode"
+        ) from exc
+    return hashlib.sha256(f"{endpoint}\n{dumped}".encode()).hexdigest()
 
 
 def _json_response(payload: BaseModel, headers: dict[str, str]) -> Response:
@@ -83,17 +97,23 @@ def _json_response(payload: BaseModel, headers: dict[str, str]) -> Response:
 
 
 @dataclass
-class Charge:
-    """One billed call: who, where, how many items, and the work that answers it."""
+class Charge(Generic[P]):
+    """One billed call: who, where, how many items, and the work that answers it.
+
+    `prepare` is the request's CPU-costly validation and preprocessing (tokenising, decoding
+    images); it runs on a worker thread once the key is known to afford the items, raises
+    ApiError (4xx) for bad input, and its result is what `produce` turns into the answer.
+    """
 
     endpoint: str
     scope: str
     items: int
     body: BaseModel
-    produce: Callable[[], Awaitable[BaseModel]]
+    prepare: Callable[[], P]
+    produce: Callable[[P], Awaitable[BaseModel]]
 
 
-async def billed(request: Request, caller: Caller, charge: Charge) -> Response:
+async def billed(request: Request, caller: Caller, charge: Charge[Any]) -> Response:
     state = get_state(request)
     # Always the server's own: a request id is the ledger's primary key, shared by every key, so
     # a client-chosen one could collide with another request's (a 500, and an existence oracle).
@@ -101,17 +121,28 @@ async def billed(request: Request, caller: Caller, charge: Charge) -> Response:
     base_headers = {"x-request-id": request_id}
     key = caller.key
     if key is None:  # auth off: no accounting at all
-        return _json_response(await _produce(state, charge), base_headers)
+        prepared = await run_in_threadpool(charge.prepare)
+        return _json_response(await _produce(state, charge, prepared), base_headers)
     if charge.scope not in key.scopes:
         raise ApiError(403, ErrorCode.permission_denied, f"this key lacks the {charge.scope!r} scope")
-
+    # Before the replay: a stored answer is free of budget but still a request (as payment APIs
+    # count them), or one answer could be replayed without limit.
+    decision = state.limiter.check_and_consume(key.id, key.rpm, key.ipm, charge.items)
+    if not decision.allowed:
+        raise _rate_limited(decision, key)
     idem_key = request.headers.get(IDEMPOTENCY_HEADER)
-    if idem_key is not None:
-        replay = await _begin_idempotent(state, key, idem_key, body_fingerprint(charge.endpoint, charge.body))
-        if replay is not None:
-            return replay
     try:
-        return await _charged(state, key, charge, request_id, base_headers, idem_key)
+        if idem_key is not None:
+            fingerprint = await run_in_threadpool(body_fingerprint, charge.endpoint, charge.body)
+            replay = await _begin_idempotent(state, key, idem_key, fingerprint)
+            if replay is not None:
+                state.limiter.refund(key.id, charge.items, request=False)
+                return replay
+    except BaseException:
+        state.limiter.refund(key.id, charge.items)
+        raise
+    try:
+        return await _charged(state, key, charge, decision, request_id, base_headers, idem_key)
     except BaseException:
         if idem_key is not None:
             await _quietly(state, _store(state).abandon_idempotent, key.id, idem_key)
@@ -154,30 +185,51 @@ async def _begin_idempotent(
     return Response(record.body, status_code=record.status, headers=headers)
 
 
+def _quota_exceeded(items: int, remaining: int | None) -> ApiError:
+    return ApiError(
+        429,
+        ErrorCode.insufficient_quota,
+        f"budget exhausted: this request needs {items} items, {remaining} remain",
+        headers={"x-should-retry": "false", "x-budget-remaining-items": str(remaining or 0)},
+    )
+
+
+def _precheck_budget(key: ApiKey, items: int) -> None:
+    """Refuse, before any per-item work, what the key cannot pay for (the reservation decides)."""
+    if key.remaining_items is not None and key.remaining_items < items:
+        raise _quota_exceeded(items, key.remaining_items)
+    if key.remaining_requests is not None and key.remaining_requests < 1:
+        raise ApiError(
+            429,
+            ErrorCode.insufficient_quota,
+            "budget exhausted: this key has no requests left",
+            headers={"x-should-retry": "false"},
+        )
+
+
 async def _charged(
     state: ServiceState,
     key: ApiKey,
-    charge: Charge,
+    charge: Charge[Any],
+    decision: RateDecision,
     request_id: str,
     headers: dict[str, str],
     idem_key: str | None,
 ) -> Response:
-    decision = state.limiter.check_and_consume(key.id, key.rpm, key.ipm, charge.items)
-    if not decision.allowed:
-        raise _rate_limited(decision, key)
     store = _store(state)
+    try:
+        _precheck_budget(key, charge.items)
+        prepared = await run_in_threadpool(charge.prepare)
+    except BaseException:
+        state.limiter.refund(key.id, charge.items)
+        raise
     try:
         reservation = await _store_call(
             state, store.reserve, key.id, charge.items, request_id, charge.endpoint
         )
     except QuotaExceeded as exc:
         state.limiter.refund(key.id, charge.items)
-        raise ApiError(
-            429,
-            ErrorCode.insufficient_quota,
-            f"budget exhausted: this request needs {charge.items} items, {exc.remaining_items} remain",
-            headers={"x-should-retry": "false", "x-budget-remaining-items": str(exc.remaining_items or 0)},
-        ) from exc
+        raise _quota_exceeded(charge.items, exc.remaining_items) from exc
     except KeyNotFound as exc:  # revoked between authentication and the charge
         state.limiter.refund(key.id, charge.items)
         raise ApiError(401, ErrorCode.invalid_api_key, "invalid or revoked API key") from exc
@@ -185,7 +237,7 @@ async def _charged(
         state.limiter.refund(key.id, charge.items)
         raise
     try:
-        payload = await _produce(state, charge)
+        payload = await _produce(state, charge, prepared)
     except BaseException as exc:
         status = exc.status if isinstance(exc, ApiError) else 500
         await _quietly(state, store.refund, request_id, status)
@@ -204,9 +256,16 @@ async def _charged(
     return response
 
 
-async def _produce(state: ServiceState, charge: Charge) -> BaseModel:
+async def _produce(state: ServiceState, charge: Charge[P], prepared: P) -> BaseModel:
     try:
-        return await charge.produce()
+        return await charge.produce(prepared)
+    except ShuttingDown as exc:
+        raise ApiError(
+            503,
+            ErrorCode.shutting_down,
+            "the server is shutting down; nothing was charged, retry shortly",
+            headers={"Retry-After": "1"},
+        ) from exc
     except Overloaded as exc:
         state.metrics.overloaded.inc()
         raise ApiError(

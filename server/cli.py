@@ -34,6 +34,13 @@ _SERVE_FLAGS: tuple[tuple[str, str, Any, str], ...] = (
     ("--batch-max-items", "batch_max_items", int, "largest model batch"),
     ("--batch-max-wait-ms", "batch_max_wait_ms", float, "how long a batch waits to fill"),
     ("--queue-max-items", "queue_max_items", int, "items queued per modality before 503 overloaded"),
+    ("--max-word-chars", "max_word_chars", int, "longest whitespace-free run in a text"),
+    ("--max-json-elements", "max_json_elements", int, "most JSON values one request body may hold"),
+    ("--max-connections", "max_connections", int, "open connections before new ones get 503 overloaded"),
+    ("--header-timeout-s", "header_timeout_s", float, "seconds a request's headers may take"),
+    ("--body-idle-timeout-s", "body_idle_timeout_s", float, "seconds between two chunks of a body"),
+    ("--body-timeout-s", "body_timeout_s", float, "seconds a whole request body may take"),
+    ("--drain-timeout-s", "drain_timeout_s", float, "seconds SIGTERM waits for in-flight requests"),
     ("--latency-ms", "latency_ms", float, "simulation: mean injected latency per /v1 request"),
     ("--latency-jitter-ms", "latency_jitter_ms", float, "simulation: +- uniform jitter on the latency"),
     ("--failure-rate", "failure_rate", float, "simulation: fraction of /v1 requests answered 500/503"),
@@ -63,9 +70,8 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
 
 
 def serve(settings: ServerSettings) -> int:
-    import uvicorn
-
     from server.app import create_app
+    from server.http_server import run
 
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -79,13 +85,8 @@ def serve(settings: ServerSettings) -> int:
         logging.getLogger(__name__).warning(
             "binding %s: the API is reachable from other machines", settings.host
         )
-    uvicorn.run(
-        create_app(settings),
-        host=settings.host,
-        port=settings.port,
-        log_level=settings.log_level.lower(),
-        timeout_graceful_shutdown=5,
-    )
+    app = create_app(settings)
+    run(app, app.state.cbbt, settings)
     return 0
 
 

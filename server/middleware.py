@@ -1,7 +1,7 @@
-"""Pure-ASGI middleware: body-size limit, per-route metrics, injected latency and failures.
+"""Pure-ASGI middleware: per-route metrics, injected latency and failures (the body limits,
+authentication and parsing bounds are the guard's, server/guard.py).
 
-Pure ASGI (not BaseHTTPMiddleware) so that a huge body is refused before it is read whole
-and so that a "dropped connection" can really be dropped.
+Pure ASGI (not BaseHTTPMiddleware) so that a "dropped connection" can really be dropped.
 """
 
 from __future__ import annotations
@@ -20,101 +20,21 @@ from shared.errors import ErrorBody, ErrorCode, ErrorEnvelope, error_type_for
 
 
 async def send_error(
-    send: Send, status: int, code: ErrorCode, message: str, headers: dict[str, str] | None = None
+    send: Send,
+    status: int,
+    code: ErrorCode,
+    message: str,
+    headers: dict[str, str] | None = None,
+    param: str | None = None,
 ) -> None:
-    body = ErrorEnvelope(error=ErrorBody(message=message, type=error_type_for(status), code=code.value))
+    body = ErrorEnvelope(
+        error=ErrorBody(message=message, type=error_type_for(status), code=code.value, param=param)
+    )
     raw = json.dumps(body.model_dump()).encode()
     all_headers = [(b"content-type", b"application/json"), (b"content-length", str(len(raw)).encode())]
     all_headers += [(k.encode(), v.encode()) for k, v in (headers or {}).items()]
     await send({"type": "http.response.start", "status": status, "headers": all_headers})
     await send({"type": "http.response.body", "body": raw})
-
-
-class _BodyTooLarge(Exception):
-    pass
-
-
-class BodyLimitMiddleware:
-    """413 for bodies over the limit: at once from Content-Length, or as soon as the stream passes it."""
-
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
-        self.app = app
-        self.max_bytes = max_bytes
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        declared = dict(scope.get("headers", [])).get(b"content-length")
-        if declared is not None and (not declared.isdigit() or int(declared) > self.max_bytes):
-            await send_error(
-                send, 413, ErrorCode.request_too_large, f"request body exceeds {self.max_bytes} bytes"
-            )
-            return
-        if declared is None:
-            await self._buffered(scope, receive, send)
-            return
-        seen = 0
-        started = False
-
-        async def limited_receive() -> Message:
-            nonlocal seen
-            message = await receive()
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > self.max_bytes:
-                    raise _BodyTooLarge
-            return message
-
-        async def tracking_send(message: Message) -> None:
-            nonlocal started
-            if message["type"] == "http.response.start":
-                started = True
-            await send(message)
-
-        try:
-            await self.app(scope, limited_receive, tracking_send)
-        except _BodyTooLarge:
-            if not started:
-                await send_error(
-                    send, 413, ErrorCode.request_too_large, f"request body exceeds {self.max_bytes} bytes"
-                )
-
-    async def _buffered(self, scope: Scope, receive: Receive, send: Send) -> None:
-        """No Content-Length (chunked): read the body up to the limit before the app sees it.
-
-        An error raised from inside the app's body read would be turned into a 400 by FastAPI's
-        body parsing, so the limit is enforced here, where a 413 can still be answered.
-        """
-        chunks: list[bytes] = []
-        seen = 0
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return
-            if message["type"] != "http.request":
-                continue
-            chunk = message.get("body", b"")
-            seen += len(chunk)
-            if seen > self.max_bytes:
-                await send_error(
-                    send, 413, ErrorCode.request_too_large, f"request body exceeds {self.max_bytes} bytes"
-                )
-                return
-            chunks.append(chunk)
-            if not message.get("more_body", False):
-                break
-        body = b"".join(chunks)
-        replayed = False
-
-        async def replay_receive() -> Message:
-            nonlocal replayed
-            if not replayed:
-                replayed = True
-                return {"type": "http.request", "body": body, "more_body": False}
-            return await receive()
-
-        await self.app(scope, replay_receive, send)
 
 
 class MetricsMiddleware:

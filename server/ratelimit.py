@@ -104,11 +104,12 @@ class RateLimiter:
                 itm.tokens -= items
             return _decision(True, 0.0, req, itm)
 
-    def refund(self, key_id: int, items: int, now: float | None = None) -> None:
-        """Give back one request and `items` (the request was refused or failed after the check)."""
+    def refund(self, key_id: int, items: int, now: float | None = None, *, request: bool = True) -> None:
+        """Give back `items` and (unless request=False) the request: it was refused or failed
+        after the check, or (request=False) it was answered from a stored replay."""
         t = self._clock() if now is None else now
         with self._lock:
-            for kind, cost in (("requests", 1), ("items", items)):
+            for kind, cost in (("requests", int(request)), ("items", items)):
                 bucket = self._buckets.get((key_id, kind))
                 if bucket is not None:
                     bucket.refill(t, bucket.limit)

@@ -40,6 +40,19 @@ class ServerSettings(BaseSettings):
     max_image_pixels: int = 4096 * 4096
     max_class_name_chars: int = 200
     max_text_chars: int = 2000
+    # Tokenisers (BPE) cost superlinear time in a word's length: a bound keeps an item's cost flat.
+    max_word_chars: int = 100
+    # Bounds values (not only bytes): a small body of `[{},{},...]` parses into a huge object graph.
+    max_json_elements: int = 2_000_000
+
+    # Connections: what a client that never finishes a request can hold.
+    max_connections: int = 256
+    header_timeout_s: float = 10.0
+    body_idle_timeout_s: float = 10.0
+    body_timeout_s: float = 120.0
+    keep_alive_timeout_s: int = 5
+    # SIGTERM: in-flight requests get this long to finish; new ones are answered 503 shutting_down.
+    drain_timeout_s: float = 30.0
 
     # Dynamic batching.
     batch_max_items: int = 64

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from fastapi import Request
 
-from server.backends.base import Backend, PromptItem
+from server.backends.base import Backend, PromptItem, TokenIds
 from server.batching import DynamicBatcher
 from server.errors import ApiError
 from server.metrics import Metrics
@@ -23,10 +23,12 @@ from shared.errors import ErrorCode
 @dataclass
 class Batchers:
     images: DynamicBatcher[torch.Tensor]
-    texts: DynamicBatcher[str]
+    texts: DynamicBatcher[TokenIds]
     prompts: DynamicBatcher[PromptItem]
 
-    def all(self) -> tuple[DynamicBatcher[torch.Tensor], DynamicBatcher[str], DynamicBatcher[PromptItem]]:
+    def all(
+        self,
+    ) -> tuple[DynamicBatcher[torch.Tensor], DynamicBatcher[TokenIds], DynamicBatcher[PromptItem]]:
         return (self.images, self.texts, self.prompts)
 
 
@@ -39,6 +41,9 @@ class ServiceState:
     backend: Backend | None = None
     batchers: Batchers | None = None
     load_error: str | None = None
+    # Set on SIGTERM (server/http_server.py): new requests are refused while these finish.
+    draining: bool = False
+    in_flight: int = 0
     # One thread runs the model: torch already spreads one batch over every core.
     model_executor: ThreadPoolExecutor = field(
         default_factory=lambda: ThreadPoolExecutor(max_workers=1, thread_name_prefix="cbbt-model")
@@ -65,7 +70,7 @@ class ServiceState:
 
         return Batchers(
             images=make("image", lambda xs: backend.encode_images(torch.stack(xs))),
-            texts=make("text", backend.encode_texts),
+            texts=make("text", backend.encode_token_ids),
             prompts=make("prompt", backend.encode_prompts),
         )
 

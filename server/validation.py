@@ -1,6 +1,9 @@
 """Checks on request bodies that pydantic cannot express: shapes, finiteness, sizes, names.
 
-Every failure is an ApiError with a precise code, raised before anything is charged.
+Every failure is an ApiError with a precise code, raised before anything is charged. The
+checks that cost CPU per item (text scans, tokenising) run in a request's `prepare` step, on a
+worker thread, after the budget pre-check (server/billing.py); a text that cannot be tokenised
+fails its own request here, so it never reaches the model thread and a batch shared with others.
 """
 
 from __future__ import annotations
@@ -8,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from server.backends.base import Backend, PromptTooLong
+from server.backends.base import Backend, PromptItem, PromptTooLong, TokenIds
 from server.errors import ApiError
 from server.settings import ServerSettings
 from shared.arrays import ArrayDecodeError, decode_array
@@ -36,21 +39,51 @@ def check_item_count(items: int, settings: ServerSettings, *, param: str) -> Non
         )
 
 
-def check_texts(texts: list[str], limit: int, *, param: str) -> None:
+def check_texts(texts: list[str], limit: int, *, param: str, max_word_chars: int | None = None) -> None:
     for i, text in enumerate(texts):
-        if not text.strip():
-            raise ApiError(400, ErrorCode.invalid_request, "empty text", param=f"{param}[{i}]")
+        where = f"{param}[{i}]"
         if len(text) > limit:
             raise ApiError(
-                400,
-                ErrorCode.invalid_request,
-                f"text of {len(text)} characters exceeds {limit}",
-                param=f"{param}[{i}]",
+                400, ErrorCode.invalid_request, f"text of {len(text)} characters exceeds {limit}", param=where
             )
+        if not text.strip():
+            raise ApiError(400, ErrorCode.invalid_request, "empty text", param=where)
         if "\x00" in text:
-            raise ApiError(
-                400, ErrorCode.invalid_request, "text contains a NUL character", param=f"{param}[{i}]"
-            )
+            raise ApiError(400, ErrorCode.invalid_request, "text contains a NUL character", param=where)
+        if not text.isascii():
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError as exc:
+                raise ApiError(
+                    400,
+                    ErrorCode.invalid_request,
+                    "text is not valid Unicode (it holds a lone UTF-16 surrogate)",
+                    param=where,
+                ) from exc
+        if max_word_chars is not None:
+            longest = max(map(len, text.split()), default=0)
+            if longest > max_word_chars:
+                raise ApiError(
+                    400,
+                    ErrorCode.invalid_request,
+                    f"a word of {longest} characters (no whitespace) exceeds {max_word_chars}",
+                    param=where,
+                )
+
+
+def tokenize_texts(texts: list[str], backend: Backend, *, param: str) -> list[TokenIds]:
+    """Tokenise on the request's own thread: an untokenisable text is this request's 400 alone."""
+    try:
+        return backend.tokenize(texts)
+    except Exception:
+        for i, text in enumerate(texts):
+            try:
+                backend.tokenize([text])
+            except Exception as exc:
+                raise ApiError(
+                    400, ErrorCode.invalid_request, f"text cannot be tokenised ({exc})", param=f"{param}[{i}]"
+                ) from exc
+        raise
 
 
 def decode_context(value: ContextVectors, backend: Backend, *, param: str) -> torch.Tensor:
@@ -93,6 +126,23 @@ def check_prompts_fit(contexts: list[torch.Tensor], class_names: list[str], back
             raise ApiError(
                 422, ErrorCode.too_many_context_vectors, str(exc), param=f"class_names[{j}]"
             ) from exc
+        except Exception as exc:  # the tokenizer refused the name
+            raise ApiError(
+                400,
+                ErrorCode.invalid_request,
+                f"class name cannot be tokenised ({exc})",
+                param=f"class_names[{j}]",
+            ) from exc
+
+
+def prompt_items(contexts: list[torch.Tensor], class_names: list[str], backend: Backend) -> list[PromptItem]:
+    """Every (context, class name) pair, its class tokenised now (cached), not on the model thread."""
+    ids = [backend.class_ids(name) for name in class_names]
+    return [
+        PromptItem(ctx, name, class_ids)
+        for ctx in contexts
+        for name, class_ids in zip(class_names, ids, strict=True)
+    ]
 
 
 def check_finite_features(features: torch.Tensor, *, param: str) -> None:

@@ -31,6 +31,8 @@ class ErrorCode(StrEnum):
     rate_limit_exceeded = "rate_limit_exceeded"
     insufficient_quota = "insufficient_quota"
     overloaded = "overloaded"
+    shutting_down = "shutting_down"
+    request_timeout = "request_timeout"
     model_not_ready = "model_not_ready"
     store_unavailable = "store_unavailable"
     injected_failure = "injected_failure"
@@ -44,6 +46,7 @@ ERROR_TYPE_BY_STATUS: dict[int, str] = {
     403: "permission_error",
     404: "not_found_error",
     405: "invalid_request_error",
+    408: "invalid_request_error",
     409: "conflict_error",
     413: "invalid_request_error",
     415: "invalid_request_error",

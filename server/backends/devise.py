@@ -16,6 +16,7 @@ Soft prompts go in through BERT's `inputs_embeds` between [CLS] and the class to
 from __future__ import annotations
 
 import logging
+import threading
 from functools import lru_cache
 from typing import Any
 
@@ -23,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from server.backends.base import MAX_CONTEXT_VECTORS, Backend, PromptItem
+from server.backends.base import MAX_CONTEXT_VECTORS, TOKEN_CACHE_ENTRIES, Backend, PromptItem, TokenIds
 from server.backends.torchvision_compat import ensure_torchvision_importable
 from shared.schemas import ModelCard
 
@@ -68,6 +69,8 @@ class DeviseBackend(Backend):
         self.bert: Any
         self.tokenizer: Any
         self.bert, self.tokenizer = _load_text_encoder()
+        # Requests tokenise on worker threads; one tokenizer object is not safe to share unlocked.
+        self._tokenizer_lock = threading.Lock()
         self.bert.to(self.device)
         self.word_embeddings: Any = self.bert.get_input_embeddings()
         self.cls_id = int(self.tokenizer.cls_token_id)
@@ -110,14 +113,18 @@ class DeviseBackend(Backend):
 
     # -- text ------------------------------------------------------------------------------
     def _token_ids(self, text: str) -> list[int]:
-        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        with self._tokenizer_lock:
+            return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
-    @lru_cache(maxsize=65536)  # noqa: B019 - the backend lives as long as the process
-    def _class_ids(self, class_name: str) -> tuple[int, ...]:
+    def class_ids(self, class_name: str) -> TokenIds:
+        return self._class_ids(class_name)
+
+    @lru_cache(maxsize=TOKEN_CACHE_ENTRIES)  # noqa: B019 - the backend lives as long as the process
+    def _class_ids(self, class_name: str) -> TokenIds:
         return tuple(self._token_ids(f"{class_name}."))
 
-    def class_token_count(self, class_name: str) -> int:
-        return len(self._class_ids(class_name))
+    def tokenize(self, texts: list[str]) -> list[TokenIds]:
+        return [(self.cls_id, *self._token_ids(t)[:510], self.sep_id) for t in texts]
 
     def token_embeddings(self, text: str) -> tuple[list[str], torch.Tensor]:
         ids = self._token_ids(text)
@@ -128,7 +135,9 @@ class DeviseBackend(Backend):
 
     def _sentence_features(self, texts: list[str]) -> torch.Tensor:
         """MiniLM sentence embeddings (mean pooled, normalised), as sentence-transformers gives."""
-        rows = [[self.cls_id, *self._token_ids(t)[:510], self.sep_id] for t in texts]
+        return self._rows_features(self.tokenize(texts))
+
+    def _rows_features(self, rows: list[TokenIds]) -> torch.Tensor:
         with torch.inference_mode():
             sequences = [self.word_embeddings(torch.tensor(r, device=self.device)) for r in rows]
         return self._pool(sequences)
@@ -148,15 +157,16 @@ class DeviseBackend(Backend):
             pooled = (hidden * m).sum(1) / m.sum(1).clamp(min=1e-9)
         return F.normalize(pooled.float(), dim=-1)
 
-    def encode_texts(self, texts: list[str]) -> torch.Tensor:
-        return self._map(self._sentence_features(texts))
+    def encode_token_ids(self, rows: list[TokenIds]) -> torch.Tensor:
+        return self._map(self._rows_features(rows))
 
     def encode_prompts(self, items: list[PromptItem]) -> torch.Tensor:
         cls = torch.tensor([self.cls_id], device=self.device)
         with torch.inference_mode():
             sequences = []
             for item in items:
-                tail = torch.tensor([*self._class_ids(item.class_name), self.sep_id], device=self.device)
+                ids = item.class_ids if item.class_ids is not None else self.class_ids(item.class_name)
+                tail = torch.tensor([*ids, self.sep_id], device=self.device)
                 ctx = item.context.to(self.device, self.word_embeddings.weight.dtype)
                 sequences.append(torch.cat([self.word_embeddings(cls), ctx, self.word_embeddings(tail)]))
             return self._map(self._pool(sequences))

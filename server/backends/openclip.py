@@ -9,6 +9,7 @@ earlier positions, so the padding after it never changes its output.
 from __future__ import annotations
 
 import logging
+import threading
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,14 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from server.backends.base import MAX_CONTEXT_VECTORS, Backend, PromptItem
+from server.backends.base import (
+    MAX_CONTEXT_VECTORS,
+    TOKEN_CACHE_ENTRIES,
+    Backend,
+    LruCache,
+    PromptItem,
+    TokenIds,
+)
 from server.backends.torchvision_compat import ensure_torchvision_importable
 from shared.schemas import ModelCard
 
@@ -62,6 +70,12 @@ class OpenClipBackend(Backend):
         self.model: Any = model.eval()
         self._preprocess = preprocess
         self.tokenizer = open_clip.get_tokenizer(name)
+        # open_clip's SimpleTokenizer caches every word it ever saw (unbounded: random text grows
+        # the process for ever); the bounded cache keeps its special tokens pinned.
+        cache = getattr(self.tokenizer, "cache", None)
+        if isinstance(cache, dict):
+            self.tokenizer.cache = LruCache(TOKEN_CACHE_ENTRIES, pinned=cache)
+        self._tokenizer_lock = threading.Lock()
         self.device = torch.device(device)
         self.tower: Any = self._text_tower(model)
         self.causal = getattr(self.tower, "attn_mask", None) is not None
@@ -112,20 +126,24 @@ class OpenClipBackend(Backend):
     # -- tokens ----------------------------------------------------------------------------
     def _tokenize(self, texts: list[str]) -> list[list[int]]:
         """Token ids per text including start and end tokens, without padding."""
-        ids = self.tokenizer(texts)
+        with self._tokenizer_lock:
+            ids = self.tokenizer(texts)
         rows = []
         for row in ids.tolist():
             end = row.index(self.eot_id) if self.eot_id in row else len(row) - 1
             rows.append(row[: end + 1])
         return rows
 
-    @lru_cache(maxsize=65536)  # noqa: B019 - the backend lives as long as the process
-    def _class_ids(self, class_name: str) -> tuple[int, ...]:
+    def class_ids(self, class_name: str) -> TokenIds:
+        return self._class_ids(class_name)
+
+    @lru_cache(maxsize=TOKEN_CACHE_ENTRIES)  # noqa: B019 - the backend lives as long as the process
+    def _class_ids(self, class_name: str) -> TokenIds:
         """Ids of `<class name> .` without start/end tokens."""
         return tuple(self._tokenize([f"{class_name}."])[0][1:-1])
 
-    def class_token_count(self, class_name: str) -> int:
-        return len(self._class_ids(class_name))
+    def tokenize(self, texts: list[str]) -> list[TokenIds]:
+        return [tuple(row) for row in self._tokenize(texts)]
 
     def token_embeddings(self, text: str) -> tuple[list[str], torch.Tensor]:
         ids = self._tokenize([text])[0][1:-1]
@@ -144,8 +162,8 @@ class OpenClipBackend(Backend):
             feats = self.model.encode_image(pixels.to(self.device))
         return F.normalize(feats.float(), dim=-1).cpu()
 
-    def encode_texts(self, texts: list[str]) -> torch.Tensor:
-        return self._encode_ids(self._tokenize(texts))
+    def encode_token_ids(self, rows: list[TokenIds]) -> torch.Tensor:
+        return self._encode_ids(rows)
 
     def encode_prompts(self, items: list[PromptItem]) -> torch.Tensor:
         sot = torch.tensor([self.sot_id], device=self.device)
@@ -153,12 +171,13 @@ class OpenClipBackend(Backend):
             embed = self.tower.token_embedding
             sequences = []
             for item in items:
-                tail = torch.tensor([*self._class_ids(item.class_name), self.eot_id], device=self.device)
+                ids = item.class_ids if item.class_ids is not None else self.class_ids(item.class_name)
+                tail = torch.tensor([*ids, self.eot_id], device=self.device)
                 ctx = item.context.to(self.device, embed.weight.dtype)
                 sequences.append(torch.cat([embed(sot), ctx, embed(tail)]))
         return self._encode_sequences(sequences)
 
-    def _encode_ids(self, rows: list[list[int]]) -> torch.Tensor:
+    def _encode_ids(self, rows: list[TokenIds] | list[list[int]]) -> torch.Tensor:
         with torch.inference_mode():
             embed = self.tower.token_embedding
             sequences = [embed(torch.tensor(row, device=self.device)) for row in rows]

@@ -15,6 +15,7 @@ from fastapi import APIRouter, Depends, Header
 from pydantic import BaseModel, ConfigDict, Field
 
 from server.errors import ApiError
+from server.guard import GuardedRoute
 from server.store import (
     DEFAULT_SCOPES,
     KEY_NAME_PATTERN,
@@ -132,7 +133,12 @@ def _call(action: Callable[[], T]) -> T:
 def build_admin_router(get_store: Callable[[], Store], admin_token: str) -> APIRouter:
     if not admin_token:
         raise ValueError("an admin token is required; leave the admin routes unmounted without one")
-    router = APIRouter(prefix="/admin", tags=["admin"], dependencies=[Depends(_admin_guard(admin_token))])
+    router = APIRouter(
+        prefix="/admin",
+        tags=["admin"],
+        dependencies=[Depends(_admin_guard(admin_token))],
+        route_class=GuardedRoute,
+    )
 
     @router.post("/keys", status_code=201)
     def create_key(body: CreateKeyBody) -> CreatedKey:

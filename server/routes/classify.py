@@ -6,11 +6,11 @@ from typing import Annotated
 
 import torch
 from fastapi import APIRouter, Depends, Request, Response
-from starlette.concurrency import run_in_threadpool
 
-from server.backends.base import PromptItem
+from server.backends.base import PromptItem, TokenIds
 from server.billing import Caller, Charge, billed, require_caller
 from server.errors import ApiError
+from server.guard import GuardedRoute
 from server.routes.embeddings import decode_and_preprocess, image_limits
 from server.state import ready_state
 from server.validation import (
@@ -20,11 +20,13 @@ from server.validation import (
     check_prompts_fit,
     check_texts,
     decode_context,
+    prompt_items,
+    tokenize_texts,
 )
 from shared.errors import ErrorCode
 from shared.schemas import ClassifyRequest, ClassifyResponse, Usage
 
-router = APIRouter(tags=["classify"])
+router = APIRouter(tags=["classify"], route_class=GuardedRoute)
 
 
 @router.post("/v1/classify", response_model=ClassifyResponse)
@@ -38,34 +40,45 @@ async def classify(
         raise ApiError(
             400, ErrorCode.invalid_request, "give exactly one of `texts` or `context` (+ `class_names`)"
         )
-    if body.texts is not None:
-        check_texts(body.texts, settings.max_text_chars, param="texts")
-        n_classes = len(body.texts)
-    else:
-        if not body.class_names:
-            raise ApiError(
-                400, ErrorCode.invalid_request, "`context` needs `class_names`", param="class_names"
-            )
-        check_texts(body.class_names, settings.max_class_name_chars, param="class_names")
-        n_classes = len(body.class_names)
+    if body.context is not None and not body.class_names:
+        raise ApiError(400, ErrorCode.invalid_request, "`context` needs `class_names`", param="class_names")
+    n_classes = len(body.texts) if body.texts is not None else len(body.class_names or [])
     if n_classes < 1:
         raise ApiError(400, ErrorCode.invalid_request, "at least one class is needed", param="texts")
     n_items = len(body.images) + n_classes
     check_item_count(n_items, settings, param="images")
-    prompts: list[PromptItem] = []
-    if body.context is not None and body.class_names:
-        ctx = decode_context(body.context, backend, param="context")
-        check_prompts_fit([ctx], body.class_names, backend)
-        prompts = [PromptItem(ctx, name) for name in body.class_names]
-    pixels = await run_in_threadpool(
-        decode_and_preprocess, body.images, backend, image_limits(settings), "images"
-    )
     usage = Usage(items=n_items, images=len(body.images), texts=n_classes)
 
-    async def produce() -> ClassifyResponse:
-        image_features = await batchers.images.submit(pixels)
+    def prepare() -> tuple[list[torch.Tensor], list[TokenIds], list[PromptItem]]:
+        rows: list[TokenIds] = []
+        prompts: list[PromptItem] = []
         if body.texts is not None:
-            text_features = await batchers.texts.submit(body.texts)
+            check_texts(
+                body.texts, settings.max_text_chars, param="texts", max_word_chars=settings.max_word_chars
+            )
+            rows = tokenize_texts(body.texts, backend, param="texts")
+        else:
+            names = body.class_names or []
+            check_texts(
+                names,
+                settings.max_class_name_chars,
+                param="class_names",
+                max_word_chars=settings.max_word_chars,
+            )
+            assert body.context is not None
+            ctx = decode_context(body.context, backend, param="context")
+            check_prompts_fit([ctx], names, backend)
+            prompts = prompt_items([ctx], names, backend)
+        pixels = decode_and_preprocess(body.images, backend, image_limits(settings), "images")
+        return pixels, rows, prompts
+
+    async def produce(
+        prepared: tuple[list[torch.Tensor], list[TokenIds], list[PromptItem]],
+    ) -> ClassifyResponse:
+        pixels, rows, prompts = prepared
+        image_features = await batchers.images.submit(pixels)
+        if rows:
+            text_features = await batchers.texts.submit(rows)
         else:
             text_features = await batchers.prompts.submit(prompts)
             check_finite_features(text_features, param="context")
@@ -79,4 +92,4 @@ async def classify(
             usage=usage,
         )
 
-    return await billed(request, caller, Charge("classify", "classify", n_items, body, produce))
+    return await billed(request, caller, Charge("classify", "classify", n_items, body, prepare, produce))

@@ -2,24 +2,24 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 import torch
 from fastapi import APIRouter, Depends, Request, Response
-from starlette.concurrency import run_in_threadpool
 
-from server.backends.base import Backend
+from server.backends.base import Backend, TokenIds
 from server.billing import Caller, Charge, billed, require_caller
 from server.errors import ApiError
+from server.guard import GuardedRoute
 from server.images import ImageLimits, decode_image
 from server.settings import ServerSettings
 from server.state import ready_state
-from server.validation import check_item_count, check_model, check_texts
+from server.validation import check_item_count, check_model, check_texts, tokenize_texts
 from shared.arrays import encode_array
 from shared.errors import ErrorCode
 from shared.schemas import EmbeddingData, EmbeddingRequest, EmbeddingResponse, Usage
 
-router = APIRouter(tags=["embeddings"])
+router = APIRouter(tags=["embeddings"], route_class=GuardedRoute)
 
 
 def image_limits(settings: ServerSettings) -> ImageLimits:
@@ -51,34 +51,41 @@ async def create_embeddings(
     body: EmbeddingRequest, request: Request, caller: Annotated[Caller, Depends(require_caller)]
 ) -> Response:
     state, backend, batchers = ready_state(request)
+    settings = state.settings
     check_model(body.model, backend)
     inputs = [body.input] if isinstance(body.input, str) else list(body.input)
     if not inputs:
         raise ApiError(400, ErrorCode.invalid_request, "input is empty", param="input")
-    check_item_count(len(inputs), state.settings, param="input")
+    check_item_count(len(inputs), settings, param="input")
+    usage = Usage(items=len(inputs))
 
-    if body.modality == "image":
-        pixels = await run_in_threadpool(
-            decode_and_preprocess, inputs, backend, image_limits(state.settings), "input"
-        )
-        usage = Usage(items=len(inputs), images=len(inputs))
-
-        async def encode() -> torch.Tensor:
-            return await batchers.images.submit(pixels)
-    else:
-        check_texts(inputs, state.settings.max_text_chars, param="input")
-        tokens = sum(len(t.split()) for t in inputs)
-        usage = Usage(items=len(inputs), texts=len(inputs), prompt_tokens=tokens, total_tokens=tokens)
-
-        async def encode() -> torch.Tensor:
-            return await batchers.texts.submit(inputs)
-
-    async def produce() -> EmbeddingResponse:
-        features = await encode()
-        data = [
-            EmbeddingData(index=i, embedding=row)
-            for i, row in enumerate(_rows(features, body.encoding_format))
-        ]
+    def answer(features: torch.Tensor) -> EmbeddingResponse:
+        rows = _rows(features, body.encoding_format)
+        data = [EmbeddingData(index=i, embedding=row) for i, row in enumerate(rows)]
         return EmbeddingResponse(data=data, model=backend.card.id, usage=usage)
 
-    return await billed(request, caller, Charge("embeddings", "embed", usage.items, body, produce))
+    if body.modality == "image":
+        usage.images = len(inputs)
+
+        def prepare_images() -> list[torch.Tensor]:
+            return decode_and_preprocess(inputs, backend, image_limits(settings), "input")
+
+        async def produce_images(pixels: list[torch.Tensor]) -> EmbeddingResponse:
+            return answer(await batchers.images.submit(pixels))
+
+        charge: Charge[Any] = Charge("embeddings", "embed", len(inputs), body, prepare_images, produce_images)
+    else:
+        usage.texts = len(inputs)
+
+        def prepare_texts() -> list[TokenIds]:
+            check_texts(
+                inputs, settings.max_text_chars, param="input", max_word_chars=settings.max_word_chars
+            )
+            usage.prompt_tokens = usage.total_tokens = sum(len(t.split()) for t in inputs)
+            return tokenize_texts(inputs, backend, param="input")
+
+        async def produce_texts(rows: list[TokenIds]) -> EmbeddingResponse:
+            return answer(await batchers.texts.submit(rows))
+
+        charge = Charge("embeddings", "embed", len(inputs), body, prepare_texts, produce_texts)
+    return await billed(request, caller, charge)

@@ -7,11 +7,12 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Request
 
 from server.billing import Caller, require_caller
+from server.guard import GuardedRoute
 from server.state import ready_state
 from server.validation import check_model
 from shared.schemas import ModelCard, ModelList, RequestLimits
 
-router = APIRouter(tags=["models"])
+router = APIRouter(tags=["models"], route_class=GuardedRoute)
 
 
 def _advertised_card(request: Request) -> ModelCard:
@@ -25,6 +26,7 @@ def _advertised_card(request: Request) -> ModelCard:
         max_image_pixels=s.max_image_pixels,
         max_text_chars=s.max_text_chars,
         max_class_name_chars=s.max_class_name_chars,
+        max_word_chars=s.max_word_chars,
     )
     return backend.card.model_copy(update={"limits": limits})
 

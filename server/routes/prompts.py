@@ -13,6 +13,8 @@ from fastapi import APIRouter, Depends, Request, Response
 
 from server.backends.base import PromptItem
 from server.billing import Caller, Charge, billed, require_caller
+from server.errors import ApiError
+from server.guard import GuardedRoute
 from server.state import ready_state
 from server.validation import (
     check_finite_features,
@@ -21,8 +23,10 @@ from server.validation import (
     check_prompts_fit,
     check_texts,
     decode_context,
+    prompt_items,
 )
 from shared.arrays import encode_array
+from shared.errors import ErrorCode
 from shared.schemas import (
     PromptEmbeddingRequest,
     PromptEmbeddingResponse,
@@ -31,7 +35,7 @@ from shared.schemas import (
     Usage,
 )
 
-router = APIRouter(tags=["prompts"])
+router = APIRouter(tags=["prompts"], route_class=GuardedRoute)
 
 
 @router.post("/v1/prompt-embeddings", response_model=PromptEmbeddingResponse)
@@ -39,24 +43,34 @@ async def prompt_embeddings(
     body: PromptEmbeddingRequest, request: Request, caller: Annotated[Caller, Depends(require_caller)]
 ) -> Response:
     state, backend, batchers = ready_state(request)
+    settings = state.settings
     check_model(body.model, backend)
     n_items = len(body.prompts) * len(body.class_names)
-    check_item_count(n_items, state.settings, param="prompts")
-    check_texts(body.class_names, state.settings.max_class_name_chars, param="class_names")
-    contexts = [decode_context(p, backend, param=f"prompts[{i}]") for i, p in enumerate(body.prompts)]
-    check_prompts_fit(contexts, body.class_names, backend)
-    items = [PromptItem(ctx, name) for ctx in contexts for name in body.class_names]
+    check_item_count(n_items, settings, param="prompts")
     usage = Usage(items=n_items, texts=n_items)
 
-    async def produce() -> PromptEmbeddingResponse:
+    def prepare() -> list[PromptItem]:
+        check_texts(
+            body.class_names,
+            settings.max_class_name_chars,
+            param="class_names",
+            max_word_chars=settings.max_word_chars,
+        )
+        contexts = [decode_context(p, backend, param=f"prompts[{i}]") for i, p in enumerate(body.prompts)]
+        check_prompts_fit(contexts, body.class_names, backend)
+        return prompt_items(contexts, body.class_names, backend)
+
+    async def produce(items: list[PromptItem]) -> PromptEmbeddingResponse:
         features = await batchers.prompts.submit(items)
         check_finite_features(features, param="prompts")
-        shape = [len(contexts), len(body.class_names), int(features.shape[-1])]
+        shape = [len(body.prompts), len(body.class_names), int(features.shape[-1])]
         cube = features.reshape(shape)
         embeddings = encode_array(cube.numpy()) if body.encoding_format == "base64" else cube.tolist()
         return PromptEmbeddingResponse(model=backend.card.id, shape=shape, embeddings=embeddings, usage=usage)
 
-    return await billed(request, caller, Charge("prompt-embeddings", "embed", n_items, body, produce))
+    return await billed(
+        request, caller, Charge("prompt-embeddings", "embed", n_items, body, prepare, produce)
+    )
 
 
 @router.post("/v1/token-embeddings", response_model=TokenEmbeddingResponse)
@@ -64,16 +78,26 @@ async def token_embeddings(
     body: TokenEmbeddingRequest, request: Request, caller: Annotated[Caller, Depends(require_caller)]
 ) -> Response:
     state, backend, _ = ready_state(request)
+    settings = state.settings
     check_model(body.model, backend)
-    check_texts([body.text], state.settings.max_text_chars, param="text")
     usage = Usage(items=1, texts=1)
 
-    async def produce() -> TokenEmbeddingResponse:
-        tokens, vectors = backend.token_embeddings(body.text)
-        matrix: torch.Tensor = vectors
+    def prepare() -> tuple[list[str], torch.Tensor]:
+        check_texts(
+            [body.text], settings.max_text_chars, param="text", max_word_chars=settings.max_word_chars
+        )
+        try:
+            return backend.token_embeddings(body.text)
+        except Exception as exc:
+            raise ApiError(
+                400, ErrorCode.invalid_request, f"text cannot be tokenised ({exc})", param="text"
+            ) from exc
+
+    async def produce(prepared: tuple[list[str], torch.Tensor]) -> TokenEmbeddingResponse:
+        tokens, matrix = prepared
         embedding = encode_array(matrix.numpy()) if body.encoding_format == "base64" else matrix.tolist()
         return TokenEmbeddingResponse(
             model=backend.card.id, tokens=tokens, shape=list(matrix.shape), embedding=embedding, usage=usage
         )
 
-    return await billed(request, caller, Charge("token-embeddings", "embed", 1, body, produce))
+    return await billed(request, caller, Charge("token-embeddings", "embed", 1, body, prepare, produce))

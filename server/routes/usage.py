@@ -8,12 +8,13 @@ from fastapi import APIRouter, Depends, Request
 
 from server.billing import Caller, _store, _store_call, require_caller
 from server.errors import ApiError
+from server.guard import GuardedRoute
 from server.state import get_state
 from server.store.base import LedgerRow
 from shared.errors import ErrorCode
 from shared.schemas import LedgerEntry, UsageReport
 
-router = APIRouter(tags=["usage"])
+router = APIRouter(tags=["usage"], route_class=GuardedRoute)
 
 
 @router.get("/v1/usage", response_model=UsageReport)
