@@ -477,6 +477,14 @@ def _class_names_from_folders(folder_names: list[str]) -> list[str]:
 
 
 def _display_name(raw: str) -> str:
+    # Undecodable bytes in a folder name arrive as lone surrogates (os.fsdecode): no server can
+    # tokenise them, and they cannot even be sent as UTF-8.
+    try:
+        raw.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError(
+            f"class name {raw!r} is not valid UTF-8 text (undecodable bytes in a folder name?); rename it"
+        ) from None
     return raw.replace("_", " ").strip()
 
 
