@@ -153,7 +153,9 @@ def _bearer(scope: Scope) -> str | None:
 
 def _has_body(scope: Scope) -> bool:
     length = _header(scope, b"content-length")
-    return _header(scope, b"transfer-encoding") is not None or (length is not None and length != b"0")
+    if length is not None:
+        return length != b"0"
+    return _header(scope, b"transfer-encoding") is not None or scope.get("method") in ("POST", "PUT", "PATCH")
 
 
 def _wants_json(scope: Scope) -> bool:
