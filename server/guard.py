@@ -39,6 +39,7 @@ _INLINE_PARSE_BYTES = 64 * 1024
 # A JSON escape of a UTF-16 surrogate, or one encoded raw (json.loads decodes with surrogatepass).
 _MAYBE_SURROGATE = re.compile(rb"\\u[dD][89abAB]|\xed[\xa0-\xbf]")
 _CLOSE = {"Connection": "close"}
+_PARSED_PLACEHOLDER = b"{}"
 
 
 class Refused(Exception):
@@ -188,6 +189,9 @@ class RequestGuardMiddleware:
         try:
             await self._guarded(scope, receive, exchange)
         except Refused as refused:
+            # Its traceback holds the frames that held the body (a cycle through the awaited
+            # future): cleared, they are freed now, not at the next full garbage collection.
+            refused.__traceback__ = None
             if not exchange.started:
                 await send_error(
                     exchange.send,
@@ -239,7 +243,15 @@ class RequestGuardMiddleware:
                 )
             else:
                 scope[JSON_SCOPE_KEY] = parse_json_body(body, settings.max_json_elements)
-        await self.app(scope, _replay(body, receive), exchange.send_)
+            # The route reads the parse from the scope; FastAPI only checks that a body exists.
+            # Dropping the raw bytes now halves what a large request holds while it runs.
+            body = _PARSED_PLACEHOLDER
+        try:
+            await self.app(scope, _replay(body, receive), exchange.send_)
+        finally:
+            # Exceptions' tracebacks form reference cycles through the frames that saw the scope;
+            # without its parse those cycles hold little until the garbage collector runs.
+            scope.pop(JSON_SCOPE_KEY, None)
 
     async def _authenticate(self, scope: Scope) -> Any:
         token = _bearer(scope)
