@@ -1,8 +1,11 @@
 """uvicorn, with what it lacks against clients that never finish: a cap on open connections, a
 deadline for a request's headers, and a shutdown that drains in-flight requests.
 
-- Connections over `max_connections` get a 503 `overloaded` in the error envelope and are
-  closed at once (uvicorn's own `limit_concurrency` answers in plain text).
+- Over `max_connections`, the oldest connection with no request in progress (a stalled or idle
+  one) is closed to make room, so holding connections open cannot lock anyone out; only when
+  every connection has a request in progress is the new one refused, with a 503 `overloaded`
+  in the error envelope (uvicorn's own `limit_concurrency` answers in plain text, and refuses
+  newcomers while idle connections hold every slot).
 - A connection whose next request's headers are not complete within `header_timeout_s` (of its
   opening, or of its previous response) is closed: h11 keeps no such deadline, and the
   keep-alive timer stops as soon as the first byte of the next request arrives.
@@ -54,16 +57,36 @@ def guarded_protocol(settings: ServerSettings) -> type[H11Protocol]:
     class GuardedH11Protocol(H11Protocol):
         _header_timer: asyncio.TimerHandle | None = None
 
+        _opened_at: float = 0.0
+
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
             super().connection_made(transport)
-            if len(self.connections) > max_connections:
-                logger.warning(
-                    "refusing a connection: %d open (limit %d)", len(self.connections), max_connections
-                )
+            self._opened_at = self.loop.time()
+            if len(self.connections) > max_connections and not self._evict_an_idle_connection():
+                logger.warning("refusing a connection: %d open, all busy", len(self.connections))
                 transport.write(refusal)
                 transport.close()
                 return
             self._arm_header_timer()
+
+        def _idle(self) -> bool:
+            """No request in progress: waiting for (the rest of) the next request's headers."""
+            return self.conn.their_state is h11.IDLE and (self.cycle is None or self.cycle.response_complete)
+
+        def _evict_an_idle_connection(self) -> bool:
+            idle = [
+                c
+                for c in self.connections
+                if c is not self
+                and isinstance(c, GuardedH11Protocol)
+                and c._idle()
+                and not c.transport.is_closing()
+            ]
+            if not idle:
+                return False
+            oldest = min(idle, key=lambda c: c._opened_at)
+            oldest.transport.close()
+            return True
 
         def data_received(self, data: bytes) -> None:
             super().data_received(data)

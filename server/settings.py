@@ -43,7 +43,7 @@ class ServerSettings(BaseSettings):
     # Tokenisers (BPE) cost superlinear time in a word's length: a bound keeps an item's cost flat.
     max_word_chars: int = 100
     # Bounds values (not only bytes): a small body of `[{},{},...]` parses into a huge object graph.
-    max_json_elements: int = 2_000_000
+    max_json_elements: int = 1_000_000
 
     # Connections: what a client that never finishes a request can hold.
     max_connections: int = 256

@@ -33,6 +33,7 @@ class RequestLimits(_Body):
     max_text_chars: int
     max_class_name_chars: int
     max_word_chars: int | None = None  # longest whitespace-free run in a text, when bounded
+    max_json_elements: int | None = None  # most JSON values (numbers, strings, ...) in one body
 
 
 class ModelCard(_Body):

@@ -27,6 +27,7 @@ def _advertised_card(request: Request) -> ModelCard:
         max_text_chars=s.max_text_chars,
         max_class_name_chars=s.max_class_name_chars,
         max_word_chars=s.max_word_chars,
+        max_json_elements=s.max_json_elements,
     )
     return backend.card.model_copy(update={"limits": limits})
 
