@@ -80,6 +80,10 @@ class DynamicBatcher(Generic[T]):
     max_wait_s: float = 0.005
     queue_limit: int = 16384
     observer: BatchObserver = field(default_factory=BatchObserver)
+    # Optional work bound per batch (e.g. tokens): long texts make smaller batches, so one
+    # tenant's long items cannot hold the one model thread (and its memory) for long.
+    cost: Callable[[T], int] | None = None
+    max_cost: int = 0
 
     def __post_init__(self) -> None:
         self._queue: deque[tuple[_Pending, int, T]] = deque()
@@ -137,9 +141,20 @@ class DynamicBatcher(Generic[T]):
                 await self._wakeup.wait()
                 continue
             await self._wait_for_fill()
-            batch = [self._queue.popleft() for _ in range(min(self.max_items, len(self._queue)))]
+            batch = self._take_batch()
             self.observer.on_queue_depth(self.modality, len(self._queue))
             await self._run(batch)
+
+    def _take_batch(self) -> list[tuple[_Pending, int, T]]:
+        batch: list[tuple[_Pending, int, T]] = []
+        spent = 0
+        while self._queue and len(batch) < self.max_items:
+            cost = self.cost(self._queue[0][2]) if self.cost is not None else 0
+            if batch and self.cost is not None and spent + cost > self.max_cost:
+                break
+            batch.append(self._queue.popleft())
+            spent += cost
+        return batch
 
     async def _run(self, batch: list[tuple[_Pending, int, T]]) -> None:
         """Run one batch; if it fails and holds several requests, run each request's share alone."""

@@ -33,6 +33,7 @@ _SERVE_FLAGS: tuple[tuple[str, str, Any, str], ...] = (
     ("--max-body-bytes", "max_body_bytes", int, "largest request body"),
     ("--batch-max-items", "batch_max_items", int, "largest model batch"),
     ("--batch-max-wait-ms", "batch_max_wait_ms", float, "how long a batch waits to fill"),
+    ("--batch-max-tokens", "batch_max_tokens", int, "tokens per text/prompt model batch"),
     ("--queue-max-items", "queue_max_items", int, "items queued per modality before 503 overloaded"),
     ("--max-word-chars", "max_word_chars", int, "longest whitespace-free run in a text"),
     ("--max-json-elements", "max_json_elements", int, "most JSON values one request body may hold"),

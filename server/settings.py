@@ -57,6 +57,8 @@ class ServerSettings(BaseSettings):
     # Dynamic batching.
     batch_max_items: int = 64
     batch_max_wait_ms: float = 5.0
+    # Tokens per text/prompt batch: 64 CLIP-length (77) sequences; long texts make smaller batches.
+    batch_max_tokens: int = 64 * 77
     queue_max_items: int = 16384
 
     # Commercial-API simulation: injected latency and transient failures (never charged).

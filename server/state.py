@@ -57,7 +57,9 @@ class ServiceState:
         s = self.settings
         observer = self.metrics.batch_observer()
 
-        def make(modality: str, run: Callable[[list[Any]], torch.Tensor]) -> DynamicBatcher[Any]:
+        def make(
+            modality: str, run: Callable[[list[Any]], torch.Tensor], cost: Callable[[Any], int] | None = None
+        ) -> DynamicBatcher[Any]:
             return DynamicBatcher(
                 modality=modality,
                 run_batch=run,
@@ -66,13 +68,19 @@ class ServiceState:
                 max_wait_s=s.batch_max_wait_ms / 1000.0,
                 queue_limit=s.queue_max_items,
                 observer=observer,
+                cost=cost,
+                max_cost=s.batch_max_tokens,
             )
 
         return Batchers(
             images=make("image", lambda xs: backend.encode_images(torch.stack(xs))),
-            texts=make("text", backend.encode_token_ids),
-            prompts=make("prompt", backend.encode_prompts),
+            texts=make("text", backend.encode_token_ids, len),
+            prompts=make("prompt", backend.encode_prompts, _prompt_tokens),
         )
+
+
+def _prompt_tokens(item: PromptItem) -> int:
+    return int(item.context.shape[0]) + len(item.class_ids or ()) + 2
 
 
 def get_state(request: Request) -> ServiceState:

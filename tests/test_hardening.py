@@ -406,3 +406,34 @@ def test_sigterm_drains_in_flight_requests_and_refuses_new_ones(tmp_path: Path) 
 
     with SqliteStore(server.db) as store:
         assert store.get_key("drain").spent_items == 8  # every answer charged, nothing else
+
+
+def test_long_texts_make_smaller_model_batches() -> None:
+    """Defect 5's other half: the model thread is shared, so a batch is bounded in tokens, not only
+    in items; one tenant's long texts then hold it (and its memory) for a bounded time."""
+    import asyncio
+
+    import torch
+
+    from server.batching import DynamicBatcher
+
+    sizes: list[int] = []
+
+    def model(rows: list[tuple[int, ...]]) -> torch.Tensor:
+        sizes.append(len(rows))
+        return torch.zeros(len(rows), 1)
+
+    async def scenario() -> None:
+        pool = ThreadPoolExecutor(1)
+        batcher = DynamicBatcher(
+            "text", model, pool, max_items=64, max_wait_s=0.05, cost=len, max_cost=64 * 77
+        )
+        batcher.start()
+        try:
+            await asyncio.gather(batcher.submit([(1,) * 500] * 40), batcher.submit([(1,) * 10] * 3))
+        finally:
+            await batcher.stop()
+            pool.shutdown()
+
+    asyncio.run(scenario())
+    assert max(sizes) <= 64 * 77 // 500 + 1 and sum(sizes) == 43
