@@ -17,7 +17,7 @@ import contextlib
 import logging
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
@@ -84,6 +84,9 @@ class DynamicBatcher(Generic[T]):
     # tenant's long items cannot hold the one model thread (and its memory) for long.
     cost: Callable[[T], int] | None = None
     max_cost: int = 0
+    # Fill batches round-robin across the queued requests instead of first-come-first-served, so
+    # a small request does not wait behind every item of a large one that came just before it.
+    fair: bool = False
 
     def __post_init__(self) -> None:
         self._queue: deque[tuple[_Pending, int, T]] = deque()
@@ -146,15 +149,36 @@ class DynamicBatcher(Generic[T]):
             await self._run(batch)
 
     def _take_batch(self) -> list[tuple[_Pending, int, T]]:
+        candidates = self._round_robin() if self.fair else iter(self._queue)
         batch: list[tuple[_Pending, int, T]] = []
         spent = 0
-        while self._queue and len(batch) < self.max_items:
-            cost = self.cost(self._queue[0][2]) if self.cost is not None else 0
+        for entry in candidates:
+            if len(batch) >= self.max_items:
+                break
+            cost = self.cost(entry[2]) if self.cost is not None else 0
             if batch and self.cost is not None and spent + cost > self.max_cost:
                 break
-            batch.append(self._queue.popleft())
+            batch.append(entry)
             spent += cost
+        if self.fair:
+            taken = {id(entry) for entry in batch}
+            self._queue = deque(entry for entry in self._queue if id(entry) not in taken)
+        else:
+            for _ in batch:
+                self._queue.popleft()
         return batch
+
+    def _round_robin(self) -> Iterator[tuple[_Pending, int, T]]:
+        """The queue's entries, one per request in turn (each request's own in order)."""
+        shares: dict[int, deque[tuple[_Pending, int, T]]] = {}
+        for entry in self._queue:
+            shares.setdefault(id(entry[0]), deque()).append(entry)
+        while shares:
+            for key in list(shares):
+                share = shares[key]
+                yield share.popleft()
+                if not share:
+                    del shares[key]
 
     async def _run(self, batch: list[tuple[_Pending, int, T]]) -> None:
         """Run one batch; if it fails and holds several requests, run each request's share alone."""

@@ -70,6 +70,7 @@ class ServiceState:
                 observer=observer,
                 cost=cost,
                 max_cost=s.batch_max_tokens,
+                fair=True,
             )
 
         return Batchers(
