@@ -27,7 +27,12 @@ _SERVE_FLAGS: tuple[tuple[str, str, Any, str], ...] = (
     ),
     ("--pretrained", "pretrained", str, "open_clip weights: a local checkpoint path, a hub tag, or 'none'"),
     ("--model-config-dir", "model_config_dir", str, "folder of extra open_clip model configs (JSON)"),
-    ("--db", "db", str, "SQLite database of keys, budgets and the usage ledger"),
+    (
+        "--db",
+        "db",
+        str,
+        "keys, budgets and the ledger: an SQLite file (one server) or a postgresql:// URL (replicas)",
+    ),
     ("--threads", "threads", int, "torch threads"),
     ("--max-items-per-request", "max_items_per_request", int, "items one request may carry"),
     ("--max-body-bytes", "max_body_bytes", int, "largest request body"),
