@@ -54,7 +54,9 @@ class PostgresCluster:
 
     def _run(self, *args: str, timeout: float = 120) -> None:
         prefix = ["runuser", "-u", "postgres", "--"] if self._as_postgres else []
-        done = subprocess.run(prefix + list(args), capture_output=True, text=True, timeout=timeout, check=False)
+        done = subprocess.run(
+            prefix + list(args), capture_output=True, text=True, timeout=timeout, check=False
+        )
         if done.returncode != 0:
             raise RuntimeError(f"{' '.join(args)} failed ({done.returncode}): {done.stderr}{self.log_tail()}")
 
@@ -69,7 +71,17 @@ class PostgresCluster:
             f"-c listen_addresses={self.host} -p {self.port} -k {self.root} -c fsync=off"
             " -c synchronous_commit=off -c full_page_writes=off -c max_connections=200"
         )
-        self._run(str(self.bindir / "pg_ctl"), "-D", str(self.data), "-l", str(self.log), "-o", options, "-w", "start")
+        self._run(
+            str(self.bindir / "pg_ctl"),
+            "-D",
+            str(self.data),
+            "-l",
+            str(self.log),
+            "-o",
+            options,
+            "-w",
+            "start",
+        )
         return self
 
     def url(self, database: str = "postgres") -> str:

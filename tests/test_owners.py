@@ -130,7 +130,9 @@ def test_a_database_of_the_previous_schema_is_migrated(tmp_path: Path) -> None:
         assert store.claim_owner(30.0).requests == 1
         assert store.get_key("old").spent_items == 0
     with sqlite3.connect(db) as raw:
-        assert raw.execute("SELECT MAX(version) FROM schema_version").fetchone()[0] == _Sqlite.schema_version()
+        assert (
+            raw.execute("SELECT MAX(version) FROM schema_version").fetchone()[0] == _Sqlite.schema_version()
+        )
         raw.execute("INSERT INTO schema_version VALUES (99)")
     with pytest.raises(StoreError, match="newer than supported"):
         SqliteStore(db)
@@ -160,7 +162,9 @@ def _slow_request_in_flight(server: ServerProcess, secret: str) -> tuple[threadi
 
     def send() -> None:
         with server.client(secret) as client:
-            statuses.append(client.post(EMBEDDINGS, json={"input": [f"t{i}" for i in range(256)]}).status_code)
+            statuses.append(
+                client.post(EMBEDDINGS, json={"input": [f"t{i}" for i in range(256)]}).status_code
+            )
 
     sender = threading.Thread(target=send)
     sender.start()

@@ -7,6 +7,7 @@ tests check SQLite's guarantees on PostgreSQL; the replica tests run two or thre
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 import uuid
@@ -55,7 +56,9 @@ def store(url: str) -> Iterator[PostgresStore]:
 def _books(url: str, name: str) -> tuple[int, int, list[tuple[int, int | None, int]]]:
     """(spent_items, ledger total, ledger rows (items, status, refunded)) read straight from SQL."""
     with psycopg.connect(url) as conn:
-        key_id, spent = conn.execute("SELECT id, spent_items FROM api_keys WHERE name = %s", (name,)).fetchone()
+        key_id, spent = conn.execute(
+            "SELECT id, spent_items FROM api_keys WHERE name = %s", (name,)
+        ).fetchone()
         rows = conn.execute(
             "SELECT items, status, refunded FROM ledger WHERE key_id = %s ORDER BY seq", (key_id,)
         ).fetchall()
@@ -88,7 +91,11 @@ def test_charges_refunds_and_idempotency_keep_the_books(store: PostgresStore) ->
     store.reserve(key.id, 2, "r4", "embeddings")
     store.settle("r4", 200, ("i", b"answer", {"x-a": "1"}))
     replay = store.begin_idempotent(key.id, "i", "h", 60.0)
-    assert replay is not None and (replay.status, replay.body, replay.headers) == (200, b"answer", {"x-a": "1"})
+    assert replay is not None and (replay.status, replay.body, replay.headers) == (
+        200,
+        b"answer",
+        {"x-a": "1"},
+    )
     spent, rows = store.usage(key.id)
     assert spent.spent_items == 6 == store.ledger_total(key.id)
     assert [r.request_id for r in rows] == ["r4", "r2", "r1"]
@@ -177,7 +184,9 @@ def _stop_all(servers: list[ServerProcess]) -> None:
         server.stop()
 
 
-def _embed(server: ServerProcess, secret: str, n: int, headers: dict[str, str] | None = None) -> httpx.Response:
+def _embed(
+    server: ServerProcess, secret: str, n: int, headers: dict[str, str] | None = None
+) -> httpx.Response:
     with server.client(secret, timeout_s=120) as client:
         return client.post(EMBEDDINGS, json={"input": [f"x{i}" for i in range(n)]}, headers=headers or {})
 
@@ -237,19 +246,22 @@ def test_a_killed_replica_is_recovered_and_a_live_one_never_is(url: str, tmp_pat
     spent, total, rows = _books(url, "victim")
     # ... and the live replica's request, answered, stays charged: never refunded by anyone.
     assert spent == total == 256
-    assert sorted((items, status, refunded) for items, status, refunded in rows) == [(256, 0, 1), (256, 200, 0)]
+    assert sorted((items, status, refunded) for items, status, refunded in rows) == [
+        (256, 0, 1),
+        (256, 200, 0),
+    ]
 
 
 def _quiet(call: Any) -> None:
-    try:
+    with contextlib.suppress(httpx.TransportError):  # the replica was killed under it: expected
         call()
-    except httpx.TransportError:
-        pass  # the replica was killed under it: expected
 
 
 def _unsettled(url: str) -> int:
     with psycopg.connect(url) as conn:
-        return int(conn.execute("SELECT COUNT(*) FROM ledger WHERE status IS NULL AND refunded = 0").fetchone()[0])
+        return int(
+            conn.execute("SELECT COUNT(*) FROM ledger WHERE status IS NULL AND refunded = 0").fetchone()[0]
+        )
 
 
 def _refunded(url: str) -> int:
@@ -273,7 +285,9 @@ def test_idempotent_retries_across_replicas_are_charged_once(url: str, tmp_path:
         with ThreadPoolExecutor(8) as pool:
             answers = list(pool.map(lambda i: _embed(servers[i % 2], secret, 5, idem), range(8)))
         assert {a.status_code for a in answers} <= {200, 409}
-        assert sum(1 for a in answers if a.status_code == 200 and "x-idempotent-replayed" not in a.headers) == 1
+        assert (
+            sum(1 for a in answers if a.status_code == 200 and "x-idempotent-replayed" not in a.headers) == 1
+        )
     finally:
         _stop_all(servers)
     spent, total, _ = _books(url, "retrier")
