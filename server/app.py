@@ -27,7 +27,7 @@ from server.store.factory import open_store
 logger = logging.getLogger(__name__)
 
 
-def _load_backend(settings: ServerSettings) -> Backend:
+def load_backend(settings: ServerSettings) -> Backend:
     if settings.threads:
         torch.set_num_threads(settings.threads)
     backend = create_backend(
@@ -44,7 +44,7 @@ def _load_backend(settings: ServerSettings) -> Backend:
 async def _start_model(state: ServiceState, backend: Backend | None) -> None:
     try:
         if backend is None:
-            backend = await asyncio.to_thread(_load_backend, state.settings)
+            backend = await asyncio.to_thread(load_backend, state.settings)
         batchers = state.build_batchers(backend)
         for batcher in batchers.all():
             batcher.start()
@@ -59,7 +59,7 @@ def create_app(
 ) -> FastAPI:
     """Build the service. `backend`/`store` are injectable (tests); by default they come from settings."""
     settings = settings or ServerSettings()
-    metrics = Metrics()
+    metrics = Metrics(labels={"replica": settings.replica} if settings.replica else {})
     state = ServiceState(settings=settings, metrics=metrics, limiter=RateLimiter(), store=store)
 
     @asynccontextmanager

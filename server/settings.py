@@ -64,6 +64,14 @@ class ServerSettings(BaseSettings):
     cors_origins: list[str] = Field(default_factory=list)
     log_level: str = "info"
 
+    # Replicas (Ray Serve, or plain servers on one PostgreSQL database).
+    replica: str | None = Field(default=None, description="label on every /metrics series and in /ready")
+    ray_max_ongoing_requests: int = Field(default=64, ge=1, description="requests one replica runs at once")
+    ray_max_queued_requests: int = Field(
+        default=256, ge=-1, description="requests Serve queues before answering 503 (-1: no bound)"
+    )
+    ray_node_ip: str = Field(default="127.0.0.1", description="address a local Ray cluster binds")
+
     @field_validator("db", mode="before")
     @classmethod
     def _path_to_text(cls, value: Any) -> Any:
