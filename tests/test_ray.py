@@ -8,6 +8,7 @@ the module (Ray starts in tens of seconds on 2 cores); each test checks one clai
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -51,10 +52,8 @@ def scenario(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any
         code = None
     finally:
         # Whatever Ray left behind in the namespace goes with the session.
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(process.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
     log = (work / "scenario.log").read_text(errors="replace")[-4000:]
     serve_log = work / "serve.log"
     serve_tail = serve_log.read_text(errors="replace")[-6000:] if serve_log.exists() else ""
