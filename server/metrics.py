@@ -73,9 +73,13 @@ class Metrics:
 
         return BatchObserver(on_batch=on_batch, on_queue_depth=on_queue_depth)
 
-    def render(self) -> bytes:
+    def exported(self) -> CollectorRegistry:
+        """What /metrics shows: the registry, with the constant labels on every series."""
         if not self.labels:
-            return generate_latest(self.registry)
+            return self.registry
         labelled = CollectorRegistry(auto_describe=False)
         labelled.register(_Labelled(self.registry, self.labels))
-        return generate_latest(labelled)
+        return labelled
+
+    def render(self) -> bytes:
+        return generate_latest(self.exported())

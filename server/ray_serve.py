@@ -6,6 +6,11 @@ DynamicBatcher (it splits a request's items across batches and bounds its queue,
 (max_ongoing_requests per replica, max_queued_requests in front) is only the outer guard; the
 app's queue bound, rate limits and budget stay the inner ones, in the error envelope.
 
+Metrics: Serve's proxy sends `/metrics` to any one replica, so each replica also serves its own
+on a loopback port of its node and lists itself in a small directory actor; `GET
+/metrics/targets` (through the proxy) answers Prometheus' HTTP service discovery with every
+live replica's address and label (see README, "Scaling out").
+
 Entry points:
 - `cbbt-server serve --ray --replicas N [--ray-address ADDR]` (`run`, below);
 - `serve run server.ray_serve:app_builder replicas=N` (`app_builder`), with CBBT_* settings
@@ -21,8 +26,12 @@ import logging
 import os
 import signal
 import threading
+import time
 from typing import Any
 
+import ray
+from fastapi import FastAPI
+from prometheus_client import start_http_server
 from ray import serve
 from ray.serve import Application
 
@@ -39,6 +48,34 @@ _OBJECT_STORE_BYTES = 80 * 2**20
 RAY_ENV_DEFAULTS = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_DISABLE_DOCKER_CPU_WARNING": "1"}
 
 
+# A replica that has not re-registered for this long (killed, replaced) leaves the targets.
+_TARGET_TTL_S = 30.0
+_DIRECTORY = "cbbt-metrics-targets"
+
+
+@ray.remote(num_cpus=0)
+class MetricsDirectory:
+    """replica -> (host:port of its metrics, last seen): the scrape targets of all replicas."""
+
+    def __init__(self) -> None:
+        self._targets: dict[str, tuple[str, float]] = {}
+
+    def register(self, replica: str, target: str) -> None:
+        self._targets[replica] = (target, time.time())
+
+    def targets(self) -> list[dict[str, Any]]:
+        """Prometheus http_sd format: one group per replica, labelled with its name."""
+        now = time.time()
+        self._targets = {r: t for r, t in self._targets.items() if now - t[1] < _TARGET_TTL_S}
+        return [{"targets": [t], "labels": {"replica": r}} for r, (t, _) in sorted(self._targets.items())]
+
+
+def _directory() -> Any:
+    return MetricsDirectory.options(  # type: ignore[attr-defined]
+        name=_DIRECTORY, namespace="cbbt", get_if_exists=True, lifetime="detached"
+    ).remote()
+
+
 @serve.deployment(name=DEPLOYMENT_NAME)
 @serve.ingress()
 class CbbtReplica:
@@ -52,19 +89,39 @@ class CbbtReplica:
         # Serve routes no request to a replica before its constructor returns: loading the
         # model here is what makes "ready" mean "model loaded and warmed up".
         self._backend: Backend = await asyncio.to_thread(load_backend, self._settings)
-        self._app: Any = None
+        self._app: FastAPI | None = None
+        self._metrics_target = ""
+        self._directory = _directory()
 
-    def __serve_build_asgi_app__(self) -> Any:
+    def __serve_build_asgi_app__(self) -> FastAPI:
         from server.app import create_app
 
-        self._app = create_app(self._settings, backend=self._backend)
-        return self._app
+        app = create_app(self._settings, backend=self._backend)
+        # This replica's own /metrics, on a free port of the node address (loopback by default).
+        host = ray.util.get_node_ip_address()
+        exporter, _ = start_http_server(0, addr=host, registry=app.state.cbbt.metrics.exported())
+        self._metrics_target = f"{host}:{exporter.server_port}"
+        self._register()
+        directory = self._directory
+
+        @app.get("/metrics/targets", tags=["health"])
+        async def metrics_targets() -> list[dict[str, Any]]:
+            """Every replica's metrics address, for Prometheus `http_sd_configs`."""
+            targets: list[dict[str, Any]] = await directory.targets.remote()
+            return targets
+
+        self._app = app
+        return app
+
+    def _register(self) -> None:
+        self._directory.register.remote(self._settings.replica, self._metrics_target)
 
     def check_health(self) -> None:
-        """Serve's periodic probe: a replica whose model failed, or whose app is gone, is replaced."""
+        """Serve's periodic probe: a replica whose model failed is replaced; a live one re-registers."""
         state = None if self._app is None else self._app.state.cbbt
         if state is not None and state.load_error:
             raise RuntimeError(state.load_error)
+        self._register()
 
 
 def build_app(settings: ServerSettings, replicas: int) -> Application:
@@ -89,8 +146,6 @@ def app_builder(args: dict[str, str]) -> Application:
 
 
 def _start_ray(settings: ServerSettings, replicas: int, address: str | None) -> None:
-    import ray
-
     for name, value in RAY_ENV_DEFAULTS.items():
         os.environ.setdefault(name, value)
     if address:
@@ -124,7 +179,5 @@ def run(settings: ServerSettings, replicas: int, address: str | None = None) -> 
     logger.info("shutting down the Ray replicas")
     serve.delete(APP_NAME)
     serve.shutdown()
-    import ray
-
     ray.shutdown()
     return 0

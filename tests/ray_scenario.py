@@ -5,7 +5,8 @@
 Starts everything it uses inside the namespace (a throwaway PostgreSQL cluster, then
 `cbbt-server serve --ray --replicas 2` on it), then: both replicas answer /ready; 40 clients
 through Serve's proxy share one 100-item budget; /metrics carries the replica label; one
-replica is SIGKILLed and Serve replaces it. Writes what it saw as JSON (asserted by the test).
+replica is SIGKILLed and Serve replaces it. Every replica's metrics are scraped through the
+targets that `/metrics/targets` lists. Writes what it saw as JSON (asserted by the test).
 """
 
 from __future__ import annotations
@@ -170,6 +171,16 @@ def main(out: Path, workdir: Path) -> int:
 
             metrics = client.get("/metrics").text
             result["metrics_replica_label"] = any(f'replica="{r}"' in metrics for r in ready)
+            # Scraping all: the targets for Prometheus' http_sd, each replica's own /metrics.
+            targets = client.get("/metrics/targets").json()
+            result["metrics_targets"] = targets
+            scraped = {}
+            for group in targets:
+                replica = group["labels"]["replica"]
+                text = httpx.get(f"http://{group['targets'][0]}/metrics", timeout=10).text
+                scraped[replica] = f'replica="{replica}"' in text and "cbbt_items_charged" in text
+            result["scraped_replicas"] = scraped
+            step("metrics scraped")
 
             pids = _replica_pids()
             result["replica_pids"] = pids

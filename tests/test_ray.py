@@ -73,6 +73,8 @@ def test_two_ray_replicas_answer_ready(scenario: dict[str, Any]) -> None:
     assert scenario["_exit"] == 0, _why(scenario)
     assert len(scenario["ready_replicas"]) == 2, _why(scenario)
     assert scenario["metrics_replica_label"], _why(scenario)
+    # Every replica can be scraped on its own, through the http_sd targets.
+    assert scenario["scraped_replicas"] == dict.fromkeys(scenario["ready_replicas"], True), _why(scenario)
 
 
 def test_ray_replicas_share_one_budget_exactly(scenario: dict[str, Any]) -> None:
