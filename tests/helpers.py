@@ -38,6 +38,16 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(sock.getsockname()[1])
 
 
+class FakeClock:
+    """A wall clock that only moves when a test moves it (store leases, idempotency expiry)."""
+
+    def __init__(self, now: float = 1_000_000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
 class ServerStartError(RuntimeError):
     """The server process exited or did not become ready in time; the message has its log tail."""
 

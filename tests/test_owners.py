@@ -20,17 +20,9 @@ import pytest
 
 from server.store import DatabaseInUse, SqliteStore, StoreError
 from server.store.sqlite import SqliteStore as _Sqlite
-from tests.helpers import REPO_ROOT, ServerProcess, ServerStartError
+from tests.helpers import REPO_ROOT, FakeClock, ServerProcess, ServerStartError
 
 EMBEDDINGS = "/v1/embeddings"
-
-
-class Clock:
-    def __init__(self, now: float = 1_000_000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def _reserved(store: SqliteStore, name: str, items: int, request_id: str) -> int:
@@ -60,7 +52,7 @@ def test_recovery_waits_for_the_lease_of_a_live_owner(tmp_path: Path) -> None:
     """Replicas sharing one database (exclusive=False): an owner's reservations are refunded by
     another only after its lease has run out, never while it is renewed."""
     db = tmp_path / "cbbt.db"
-    clock = Clock()
+    clock = FakeClock()
     with SqliteStore(db, clock=clock) as a, SqliteStore(db, clock=clock) as b:
         a.create_key("alice", ["embed"], 100)
         a.claim_owner(10.0, exclusive=False)

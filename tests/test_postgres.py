@@ -24,7 +24,7 @@ from server.ratelimit import SharedRateLimiter
 from server.store import DatabaseInUse, QuotaExceeded, StoreError
 from server.store.factory import open_store
 from server.store.postgres import PostgresStore
-from tests.helpers import ServerProcess, assert_error
+from tests.helpers import FakeClock, ServerProcess, assert_error
 from tests.pg import PostgresCluster, wait_for
 
 pytestmark = pytest.mark.postgres
@@ -32,14 +32,6 @@ pytestmark = pytest.mark.postgres
 EMBEDDINGS = "/v1/embeddings"
 # Short leases so that a killed replica's requests are recovered within seconds.
 LEASE_ENV = {"CBBT_LEASE_TTL_S": "2", "CBBT_LEASE_RENEW_S": "0.5"}
-
-
-class Clock:
-    def __init__(self, now: float = 1_000_000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
 
 
 @pytest.fixture
@@ -128,7 +120,7 @@ def test_concurrent_charges_never_overspend(url: str) -> None:
 
 
 def test_replicas_share_the_database_and_recover_only_expired_owners(url: str) -> None:
-    clock = Clock()
+    clock = FakeClock()
     with PostgresStore(url, clock=clock) as a, PostgresStore(url, clock=clock) as b:
         _, key = a.create_key("alice", ["embed"], 100)
         a.claim_owner(10.0)

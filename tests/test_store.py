@@ -24,16 +24,9 @@ from server.store import (
     Store,
     StoreUnavailable,
 )
+from tests.helpers import FakeClock
 
 ENDPOINT = "/v1/embeddings"
-
-
-class FakeClock:
-    def __init__(self, now: float = 1_000_000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
 
 
 @pytest.fixture
