@@ -2,9 +2,10 @@
 """Benchmark: replicas behind one budget (Ray Serve, PostgreSQL). A benchmark, not a test.
 
 - scaling: items/s through Serve's proxy for N = 1, 2, 4 replicas of a latency-bound model:
-  the tiny model with `--latency-ms` injected (a backend whose cost is waiting, like a remote
-  GPU) and `max_ongoing_requests` per replica as its concurrency (a GPU's slots). On 2 cores
-  only such a model can show the mechanism scaling; the target is >= 0.8 N x one replica.
+  the tiny model with `--latency-ms` injected (default 1 s: a backend whose cost is waiting,
+  like a remote GPU) and `max_ongoing_requests` = 4 per replica as its concurrency (a GPU's
+  slots); 32 clients of 8 items. On 2 cores only such a model can show the mechanism scaling
+  (the CPU per request must stay far below the waiting); the target is >= 0.8 N x one replica.
 - proxy: the default model, plain `cbbt-server serve` against one Ray replica, both on
   PostgreSQL: what Serve's proxy costs.
 - store: SQLite against PostgreSQL per charge (reserve + settle), 1 and 4 threads.
@@ -133,17 +134,19 @@ def _measure(url: str, key: str, items: int, concurrency: int, seconds: float) -
     return asyncio.run(_load(url, key, items, concurrency, seconds))
 
 
-def scaling(cluster: PostgresCluster, work: Path, seconds: float) -> list[dict[str, Any]]:
+def scaling(
+    cluster: PostgresCluster, work: Path, seconds: float, counts: list[int], latency_ms: float
+) -> list[dict[str, Any]]:
     rows = []
-    for replicas in (1, 2, 4):
+    for replicas in counts:
         db = cluster.new_database()
         key = _key(db)
-        args = ["--ray", "--replicas", str(replicas), "--threads", "1", "--latency-ms", "200"]
+        args = ["--ray", "--replicas", str(replicas), "--threads", "1", "--latency-ms", str(latency_ms)]
         args += ["--model", "cbbt-tiny", "--pretrained", "none"]
         served = Served(args, db, work / "scaling.log", env={"CBBT_RAY_MAX_ONGOING_REQUESTS": "4"})
         try:
             served.wait(replicas)
-            row = {"replicas": replicas, **_measure(served.url, key, 8, 48, seconds)}
+            row = {"replicas": replicas, **_measure(served.url, key, 8, 32, seconds)}
         finally:
             served.stop()
         print(json.dumps(row), flush=True)
@@ -209,6 +212,8 @@ def main() -> int:
     parser.add_argument("what", choices=["scaling", "proxy", "store", "all"])
     parser.add_argument("--seconds", type=float, default=20.0, help="measurement per configuration")
     parser.add_argument("--charges", type=int, default=500, help="charges per thread (store)")
+    parser.add_argument("--latency-ms", type=float, default=1000.0, help="injected latency (scaling)")
+    parser.add_argument("--replicas", type=int, nargs="+", default=[1, 2, 4], help="replica counts (scaling)")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="cbbt-bench-"))
     cluster = PostgresCluster().start()
@@ -218,7 +223,7 @@ def main() -> int:
     }
     try:
         if args.what in ("scaling", "all"):
-            report["scaling"] = scaling(cluster, work, args.seconds)
+            report["scaling"] = scaling(cluster, work, args.seconds, args.replicas, args.latency_ms)
         if args.what in ("proxy", "all"):
             report["proxy"] = proxy(cluster, work, args.seconds)
         if args.what in ("store", "all"):
