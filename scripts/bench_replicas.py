@@ -154,20 +154,31 @@ def scaling(
     return rows
 
 
-def proxy(cluster: PostgresCluster, work: Path, seconds: float) -> list[dict[str, Any]]:
-    rows = []
-    for name, args in (("plain cbbt-server", []), ("one Ray replica", ["--ray", "--replicas", "1"])):
-        db = cluster.new_database()
-        key = _key(db)
-        served = Served(args, db, work / "proxy.log")
-        try:
+def proxy(cluster: PostgresCluster, work: Path, seconds: float, rounds: int = 3) -> list[dict[str, Any]]:
+    """Both servers run side by side; the load alternates between them, round after round, so
+    that the machine's drift (other users' load) hits both alike."""
+    setups = {"plain cbbt-server": [], "one Ray replica": ["--ray", "--replicas", "1"]}
+    servers: dict[str, tuple[Served, str]] = {}
+    samples: dict[str, list[dict[str, float]]] = {name: [] for name in setups}
+    try:
+        for name, args in setups.items():
+            db = cluster.new_database()
+            servers[name] = (Served(args, db, work / "proxy.log"), _key(db))
+        for served, _ in servers.values():
             served.wait(1)
-            row = {"server": name, **_measure(served.url, key, 16, 8, seconds)}
-        finally:
+        for r in range(rounds):
+            order = list(servers) if r % 2 == 0 else list(reversed(servers))
+            for name in order:
+                served, key = servers[name]
+                samples[name].append(_measure(served.url, key, 16, 8, seconds))
+                print(json.dumps({"round": r, "server": name, **samples[name][-1]}), flush=True)
+    finally:
+        for served, _ in servers.values():
             served.stop()
-        print(json.dumps(row), flush=True)
-        rows.append(row)
-    return rows
+    return [
+        {"server": name, **{k: sum(s[k] for s in runs) / len(runs) for k in runs[0]}}
+        for name, runs in samples.items()
+    ]
 
 
 def _charges(store: Any, threads: int, per_thread: int) -> float:

@@ -111,7 +111,7 @@ class Limiter(Protocol):
         self, key_id: int, rpm: int | None, ipm: int | None, items: int
     ) -> RateDecision: ...
 
-    def refund(self, key_id: int, items: int) -> None: ...
+    def refund(self, key_id: int, items: int, *, request: bool = True) -> None: ...
 
     def forget(self, key_id: int) -> None: ...
 
@@ -135,11 +135,12 @@ class RateLimiter:
             itm = self._bucket(key_id, "items", ipm, t)
             return _take(req, itm, rpm, ipm, items)
 
-    def refund(self, key_id: int, items: int, now: float | None = None) -> None:
-        """Give back one request and `items` (the request was refused or failed after the check)."""
+    def refund(self, key_id: int, items: int, now: float | None = None, *, request: bool = True) -> None:
+        """Give back `items` and (unless request=False) the request: it was refused or failed
+        after the check, or (request=False) it was answered from a stored replay."""
         t = self._clock() if now is None else now
         with self._lock:
-            for kind, cost in (("requests", 1), ("items", items)):
+            for kind, cost in (("requests", int(request)), ("items", items)):
                 bucket = self._buckets.get((key_id, kind))
                 if bucket is not None:
                     _give_back(bucket, t, cost)
@@ -194,9 +195,9 @@ class SharedRateLimiter:
 
         return self._store.update_buckets(key_id, {"requests": rpm, "items": ipm}, decide)
 
-    def refund(self, key_id: int, items: int) -> None:
+    def refund(self, key_id: int, items: int, *, request: bool = True) -> None:
         def give_back(buckets: dict[str, BucketState], now: float) -> None:
-            for kind, cost in (("requests", 1), ("items", items)):
+            for kind, cost in (("requests", int(request)), ("items", items)):
                 if kind in buckets:
                     _give_back(buckets[kind], now, cost)
 
