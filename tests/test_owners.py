@@ -142,9 +142,11 @@ def test_a_damaged_schema_is_refused_at_start(tmp_path: Path) -> None:
 # -- real servers -----------------------------------------------------------------------------
 def _second_server_is_refused(db: Path | str, log: Path, reason: str) -> None:
     second = ServerProcess(db, log_path=log, start_timeout_s=60)
-    with pytest.raises(ServerStartError) as refused:
-        second.start()
-    second.stop()
+    try:
+        with pytest.raises(ServerStartError) as refused:
+            second.start()
+    finally:
+        second.stop()  # should it have started after all, it must not outlive the test
     assert reason in str(refused.value), str(refused.value)
 
 
