@@ -12,6 +12,7 @@ charged belongs to a request that was answered.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import uuid
@@ -127,7 +128,7 @@ async def billed(request: Request, caller: Caller, charge: Charge[Any]) -> Respo
         raise ApiError(403, ErrorCode.permission_denied, f"this key lacks the {charge.scope!r} scope")
     # Before the replay: a stored answer is free of budget but still a request (as payment APIs
     # count them), or one answer could be replayed without limit.
-    decision = state.limiter.check_and_consume(key.id, key.rpm, key.ipm, charge.items)
+    decision = await _rate_check(state, key, charge.items)
     if not decision.allowed:
         raise _rate_limited(decision, key)
     idem_key = request.headers.get(IDEMPOTENCY_HEADER)
@@ -136,10 +137,10 @@ async def billed(request: Request, caller: Caller, charge: Charge[Any]) -> Respo
             fingerprint = await run_in_threadpool(body_fingerprint, charge.endpoint, charge.body)
             replay = await _begin_idempotent(state, key, idem_key, fingerprint)
             if replay is not None:
-                state.limiter.refund(key.id, charge.items, request=False)
+                await _rate_refund(state, key, charge.items, request=False)
                 return replay
     except BaseException:
-        state.limiter.refund(key.id, charge.items)
+        await _rate_refund(state, key, charge.items)
         raise
     try:
         return await _charged(state, key, charge, decision, request_id, base_headers, idem_key)
@@ -221,27 +222,27 @@ async def _charged(
         _precheck_budget(key, charge.items)
         prepared = await run_in_threadpool(charge.prepare)
     except BaseException:
-        state.limiter.refund(key.id, charge.items)
+        await _rate_refund(state, key, charge.items)
         raise
     try:
         reservation = await _store_call(
             state, store.reserve, key.id, charge.items, request_id, charge.endpoint
         )
     except QuotaExceeded as exc:
-        state.limiter.refund(key.id, charge.items)
+        await _rate_refund(state, key, charge.items)
         raise _quota_exceeded(charge.items, exc.remaining_items) from exc
     except KeyNotFound as exc:  # revoked between authentication and the charge
-        state.limiter.refund(key.id, charge.items)
+        await _rate_refund(state, key, charge.items)
         raise ApiError(401, ErrorCode.invalid_api_key, "invalid or revoked API key") from exc
     except BaseException:
-        state.limiter.refund(key.id, charge.items)
+        await _rate_refund(state, key, charge.items)
         raise
     try:
         payload = await _produce(state, charge, prepared)
     except BaseException as exc:
         status = exc.status if isinstance(exc, ApiError) else 500
         await _quietly(state, store.refund, request_id, status)
-        state.limiter.refund(key.id, charge.items)
+        await _rate_refund(state, key, charge.items)
         raise
     state.metrics.items_charged.inc(charge.items)
     # From the charge itself, not from `key` (read at authentication, stale under concurrency).
@@ -274,6 +275,20 @@ async def _produce(state: ServiceState, charge: Charge[P], prepared: P) -> BaseM
             f"server overloaded: {exc}; retry shortly",
             headers={"Retry-After": "1"},
         ) from exc
+
+
+async def _rate_check(state: ServiceState, key: ApiKey, items: int) -> RateDecision:
+    """In memory the check is instant; a shared limiter (buckets in the database) runs off the loop."""
+    if state.limiter.blocking:
+        return await _store_call(state, state.limiter.check_and_consume, key.id, key.rpm, key.ipm, items)
+    return state.limiter.check_and_consume(key.id, key.rpm, key.ipm, items)
+
+
+async def _rate_refund(state: ServiceState, key: ApiKey, items: int, *, request: bool = True) -> None:
+    if state.limiter.blocking:
+        await _quietly(state, functools.partial(state.limiter.refund, key.id, items, request=request))
+    else:
+        state.limiter.refund(key.id, items, request=request)
 
 
 def _rate_limited(decision: RateDecision, key: ApiKey) -> ApiError:

@@ -38,6 +38,16 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(sock.getsockname()[1])
 
 
+class FakeClock:
+    """A wall clock that only moves when a test moves it (store leases, idempotency expiry)."""
+
+    def __init__(self, now: float = 1_000_000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
 class ServerStartError(RuntimeError):
     """The server process exited or did not become ready in time; the message has its log tail."""
 
@@ -66,7 +76,8 @@ class ServerProcess:
         log_path: Path | str | None = None,
         start_timeout_s: float = 120.0,
     ) -> None:
-        self.db = Path(db)
+        # A postgresql:// URL stays text (a Path would fold its '//'); a file path becomes a Path.
+        self.db: Path | str = db if str(db).startswith(("postgresql://", "postgres://")) else Path(db)
         self.model = model
         self.pretrained = pretrained
         self.auth = auth
@@ -74,7 +85,9 @@ class ServerProcess:
         self.env = dict(env or {})
         self.host = host
         self.port = port
-        self.log_path = Path(log_path) if log_path is not None else self.db.with_suffix(".server.log")
+        if log_path is None and not isinstance(self.db, Path):
+            raise ValueError("a server on a database URL needs a log_path")
+        self.log_path = Path(log_path) if log_path is not None else Path(self.db).with_suffix(".server.log")
         self.start_timeout_s = start_timeout_s
         self.process: subprocess.Popen[bytes] | None = None
         self.api_key: str | None = None  # set by create_key(..., default=True)
