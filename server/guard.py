@@ -34,6 +34,7 @@ from shared.errors import ErrorCode
 
 JSON_SCOPE_KEY = "cbbt.json"
 KEY_SCOPE_KEY = "cbbt.api_key"
+ADMIN_SCOPE_KEY = "cbbt.admin"  # the admin token was checked here (the route need not compare again)
 # Below this a parse takes well under a millisecond: not worth a thread hop.
 _INLINE_PARSE_BYTES = 64 * 1024
 # A JSON escape of a UTF-16 surrogate, or one encoded raw (json.loads decodes with surrogatepass).
@@ -285,6 +286,7 @@ class RequestGuardMiddleware:
             raise Refused(
                 401, ErrorCode.invalid_api_key, "admin routes need 'Authorization: Bearer <admin token>'"
             )
+        scope[ADMIN_SCOPE_KEY] = True
 
     async def _read_body(self, receive: Receive, exchange: _Exchange) -> bytes:
         settings = self.state.settings
