@@ -120,6 +120,7 @@ def tune(args: TuneArgs, settings: ClientSettings) -> int:
             _feature_store(client, settings),
             resume=args.resume,
             progress=Progress(args.progress),
+            on_plan=lambda plan: print(f"plan:\n{plan}", flush=True),
         )
     _print_summary(report, run.folder)
     return 0
