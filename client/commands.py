@@ -134,7 +134,9 @@ def _print_summary(report: RunReport, folder: RunFolder) -> None:
 
 # -- eval, predict, usage -----------------------------------------------------------------------
 def _image_features(client: CbbtClient, settings: ClientSettings, examples: list[Example]) -> torch.Tensor:
-    return torch.from_numpy(_feature_store(client, settings).features(examples, 1))[:, 0]
+    store = _feature_store(client, settings)
+    with Progress().bar("image features", store.missing_count(examples, 1), "img") as bar:
+        return torch.from_numpy(store.features(examples, 1, on_batch=bar.update))[:, 0]
 
 
 def evaluate(args: EvalArgs, settings: ClientSettings) -> int:
