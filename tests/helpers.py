@@ -21,9 +21,27 @@ from PIL import Image
 from client import server_process
 from client.server_process import LARGE_BUDGET, REPO_ROOT, ServerStartError, free_port
 
-__all__ = ["LARGE_BUDGET", "REPO_ROOT", "TINY_MODEL", "ServerProcess", "ServerStartError", "free_port"]
+__all__ = [
+    "LARGE_BUDGET",
+    "REPO_ROOT",
+    "TINY_MODEL",
+    "FakeClock",
+    "ServerProcess",
+    "ServerStartError",
+    "free_port",
+]
 
 TINY_MODEL = "cbbt-tiny"
+
+
+class FakeClock:
+    """A wall clock that only moves when a test moves it (store leases, idempotency expiry)."""
+
+    def __init__(self, now: float = 1_000_000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
 
 
 class ServerProcess(server_process.ServerProcess):
