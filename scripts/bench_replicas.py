@@ -22,7 +22,6 @@ import asyncio
 import json
 import os
 import platform
-import signal
 import subprocess
 import sys
 import tempfile
@@ -38,9 +37,9 @@ if str(REPO_ROOT) not in sys.path:
 
 import httpx  # noqa: E402
 
+from client.server_process import ServerProcess  # noqa: E402
 from server.store.postgres import PostgresStore  # noqa: E402
 from server.store.sqlite import SqliteStore  # noqa: E402
-from tests.helpers import free_port  # noqa: E402
 from tests.pg import PostgresCluster  # noqa: E402
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "RAY_USAGE_STATS_ENABLED": "0", "PYTHONUNBUFFERED": "1"}
@@ -54,24 +53,19 @@ def _key(db: str) -> str:
     ).stdout.strip()
 
 
-class Served:
-    """A `cbbt-server serve ...` subprocess, ready once `replicas` distinct replicas answer."""
+class Served(ServerProcess):
+    """`cbbt-server serve ...` (client/server_process.py), ready once `replicas` distinct replicas answer."""
 
     def __init__(self, args: list[str], db: str, log: Path, env: dict[str, str] | None = None) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        cmd = [sys.executable, "-m", "server.cli", "serve", "--db", db, "--port", str(self.port), *args]
-        with log.open("ab") as out:
-            self.proc = subprocess.Popen(
-                cmd, cwd=REPO_ROOT, env={**ENV, **(env or {})}, stdout=out, stderr=out
-            )
+        super().__init__(db, extra_args=args, log_path=log, env={**ENV, **(env or {})})
+        self.start(wait=False)
 
     def wait(self, replicas: int, timeout_s: float = 900) -> None:
         deadline = time.monotonic() + timeout_s
         seen: set[str] = set()
         with httpx.Client(base_url=self.url, timeout=10) as client:
             while time.monotonic() < deadline:
-                assert self.proc.poll() is None, "the server exited"
+                assert self.running, "the server exited"
                 try:
                     answer = client.get("/ready")
                     if answer.status_code == 200:
@@ -84,13 +78,8 @@ class Served:
                 time.sleep(0.5)
         raise TimeoutError(f"only {len(seen)} of {replicas} replicas became ready")
 
-    def stop(self) -> None:
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(timeout=120)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+    def stop(self, timeout_s: float = 120) -> int | None:
+        return super().stop(timeout_s)  # Ray's replicas take their time to shut down
 
 
 async def _load(url: str, key: str, items: int, concurrency: int, seconds: float) -> dict[str, float]:
