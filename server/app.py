@@ -10,12 +10,14 @@ from contextlib import asynccontextmanager
 import torch
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
+from fastapi_offline import FastAPIOffline
 
 from server.backends.base import Backend
 from server.backends.registry import create_backend
 from server.errors import install_error_handlers
 from server.metrics import Metrics
 from server.middleware import BodyLimitMiddleware, FaultInjectionMiddleware, MetricsMiddleware
+from server.openapi import install_openapi
 from server.ratelimit import RateLimiter
 from server.routes import classify, embeddings, health, models, prompts, usage
 from server.settings import ServerSettings
@@ -85,7 +87,8 @@ def create_app(
             if lock is not None:
                 lock.release()
 
-    app = FastAPI(
+    # FastAPIOffline serves /docs and /redoc from files in its wheel, not a CDN.
+    app = FastAPIOffline(
         title="cbbt model server",
         summary="A vision-language model behind a query-limited API, for black-box tuning",
         version="0.1.0",
@@ -93,6 +96,7 @@ def create_app(
     )
     app.state.cbbt = state
     install_error_handlers(app)
+    install_openapi(app)
     for module in (health, models, embeddings, prompts, classify, usage):
         app.include_router(module.router)
     if settings.admin_token is not None and settings.admin_token.get_secret_value():

@@ -13,9 +13,10 @@ import logging
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Annotated, TypeVar
 
-from fastapi import Request, Response
+from fastapi import Depends, Request, Response
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 
@@ -24,6 +25,7 @@ from server.errors import ApiError
 from server.ratelimit import RateDecision, rate_limit_headers, retry_after_headers
 from server.state import ServiceState, get_state
 from server.store.base import ApiKey, KeyNotFound, QuotaExceeded, Reservation, Store, StoreUnavailable
+from server.tiers import granted_scopes, tier_of, tiers_allowing
 from shared.errors import ErrorCode
 
 logger = logging.getLogger(__name__)
@@ -60,15 +62,22 @@ async def _store_call(state: ServiceState, fn: Callable[..., T], *args: object) 
         ) from exc
 
 
-async def require_caller(request: Request) -> Caller:
+# Declares the HTTP bearer scheme in the OpenAPI document (the "Authorize" button of /docs);
+# auto_error=False so that a missing key is answered in the error envelope below.
+_bearer = HTTPBearer(auto_error=False, description="an API key made by `cbbt-server keys create`")
+
+
+async def require_caller(
+    request: Request, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
+) -> Caller:
     """FastAPI dependency: a valid `Authorization: Bearer <key>` (unless auth is off)."""
     state = get_state(request)
     if not state.settings.auth:
         return Caller(key=None)
-    scheme, _, token = request.headers.get("authorization", "").partition(" ")
-    if scheme.lower() != "bearer" or not token.strip():
+    token = credentials.credentials.strip() if credentials is not None else ""
+    if not token:
         raise ApiError(401, ErrorCode.invalid_api_key, "missing API key: send 'Authorization: Bearer <key>'")
-    key = await _store_call(state, _store(state).authenticate, token.strip())
+    key = await _store_call(state, _store(state).authenticate, token)
     if key is None:
         raise ApiError(401, ErrorCode.invalid_api_key, "invalid or revoked API key")
     return Caller(key=key)
@@ -102,8 +111,8 @@ async def billed(request: Request, caller: Caller, charge: Charge) -> Response:
     key = caller.key
     if key is None:  # auth off: no accounting at all
         return _json_response(await _produce(state, charge), base_headers)
-    if charge.scope not in key.scopes:
-        raise ApiError(403, ErrorCode.permission_denied, f"this key lacks the {charge.scope!r} scope")
+    if charge.scope not in granted_scopes(key.scopes):
+        raise _outside_tier(key, charge)
 
     idem_key = request.headers.get(IDEMPOTENCY_HEADER)
     if idem_key is not None:
@@ -215,6 +224,19 @@ async def _produce(state: ServiceState, charge: Charge) -> BaseModel:
             f"server overloaded: {exc}; retry shortly",
             headers={"Retry-After": "1"},
         ) from exc
+
+
+def _outside_tier(key: ApiKey, charge: Charge) -> ApiError:
+    allowed = " or ".join(t.value for t in tiers_allowing(charge.scope)) or "no"
+    tier = tier_of(key.scopes)
+    if tier is None:  # a custom scope set, not one of the simulated API tiers
+        return ApiError(403, ErrorCode.permission_denied, f"this key lacks the {charge.scope!r} scope")
+    return ApiError(
+        403,
+        ErrorCode.tier_not_allowed,
+        f"this key is on the {tier.value} tier; /v1/{charge.endpoint} needs the {allowed} tier",
+        headers={"x-should-retry": "false"},
+    )
 
 
 def _rate_limited(decision: RateDecision, key: ApiKey) -> ApiError:

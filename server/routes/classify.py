@@ -11,8 +11,10 @@ from starlette.concurrency import run_in_threadpool
 from server.backends.base import PromptItem
 from server.billing import Caller, Charge, billed, require_caller
 from server.errors import ApiError
+from server.openapi import BILLED, WITH_ARRAYS, WITH_BODY, WITH_IMAGES, error_responses
 from server.routes.embeddings import decode_and_preprocess, image_limits
 from server.state import ready_state
+from server.tiers import SCOPE_CLASSIFY
 from server.validation import (
     check_finite_features,
     check_item_count,
@@ -27,7 +29,11 @@ from shared.schemas import ClassifyRequest, ClassifyResponse, Usage
 router = APIRouter(tags=["classify"])
 
 
-@router.post("/v1/classify", response_model=ClassifyResponse)
+@router.post(
+    "/v1/classify",
+    response_model=ClassifyResponse,
+    responses=error_responses(WITH_BODY, BILLED, WITH_IMAGES, WITH_ARRAYS),
+)
 async def classify(
     body: ClassifyRequest, request: Request, caller: Annotated[Caller, Depends(require_caller)]
 ) -> Response:
@@ -79,4 +85,4 @@ async def classify(
             usage=usage,
         )
 
-    return await billed(request, caller, Charge("classify", "classify", n_items, body, produce))
+    return await billed(request, caller, Charge("classify", SCOPE_CLASSIFY, n_items, body, produce))

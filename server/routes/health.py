@@ -3,21 +3,23 @@
 from __future__ import annotations
 
 from fastapi import APIRouter, Request, Response
+from fastapi.responses import PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from server.errors import error_response
+from server.openapi import error_responses
 from server.state import get_state
 from shared.errors import ErrorCode
 
 router = APIRouter(tags=["health"])
 
 
-@router.get("/health")
+@router.get("/health", responses=error_responses())
 async def health() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@router.get("/ready", response_model=None)
+@router.get("/ready", response_model=None, responses=error_responses())
 async def ready(request: Request) -> Response | dict[str, str]:
     state = get_state(request)
     if not state.ready:
@@ -27,6 +29,16 @@ async def ready(request: Request) -> Response | dict[str, str]:
     return {"status": "ready", "model": state.backend.card.id}
 
 
-@router.get("/metrics")
+@router.get(
+    "/metrics",
+    response_class=PlainTextResponse,
+    responses={
+        200: {
+            "content": {"text/plain": {"schema": {"type": "string"}}},
+            "description": "Prometheus text format",
+        },
+        **error_responses(),
+    },
+)
 async def metrics(request: Request) -> Response:
     return Response(get_state(request).metrics.render(), media_type=CONTENT_TYPE_LATEST)

@@ -13,7 +13,9 @@ from fastapi import APIRouter, Depends, Request, Response
 
 from server.backends.base import PromptItem
 from server.billing import Caller, Charge, billed, require_caller
+from server.openapi import BILLED, WITH_ARRAYS, WITH_BODY, error_responses
 from server.state import ready_state
+from server.tiers import SCOPE_PROMPT, SCOPE_TOKENS
 from server.validation import (
     check_finite_features,
     check_item_count,
@@ -34,7 +36,11 @@ from shared.schemas import (
 router = APIRouter(tags=["prompts"])
 
 
-@router.post("/v1/prompt-embeddings", response_model=PromptEmbeddingResponse)
+@router.post(
+    "/v1/prompt-embeddings",
+    response_model=PromptEmbeddingResponse,
+    responses=error_responses(WITH_BODY, BILLED, WITH_ARRAYS),
+)
 async def prompt_embeddings(
     body: PromptEmbeddingRequest, request: Request, caller: Annotated[Caller, Depends(require_caller)]
 ) -> Response:
@@ -56,10 +62,14 @@ async def prompt_embeddings(
         embeddings = encode_array(cube.numpy()) if body.encoding_format == "base64" else cube.tolist()
         return PromptEmbeddingResponse(model=backend.card.id, shape=shape, embeddings=embeddings, usage=usage)
 
-    return await billed(request, caller, Charge("prompt-embeddings", "embed", n_items, body, produce))
+    return await billed(request, caller, Charge("prompt-embeddings", SCOPE_PROMPT, n_items, body, produce))
 
 
-@router.post("/v1/token-embeddings", response_model=TokenEmbeddingResponse)
+@router.post(
+    "/v1/token-embeddings",
+    response_model=TokenEmbeddingResponse,
+    responses=error_responses(WITH_BODY, BILLED),
+)
 async def token_embeddings(
     body: TokenEmbeddingRequest, request: Request, caller: Annotated[Caller, Depends(require_caller)]
 ) -> Response:
@@ -76,4 +86,4 @@ async def token_embeddings(
             model=backend.card.id, tokens=tokens, shape=list(matrix.shape), embedding=embedding, usage=usage
         )
 
-    return await billed(request, caller, Charge("token-embeddings", "embed", 1, body, produce))
+    return await billed(request, caller, Charge("token-embeddings", SCOPE_TOKENS, 1, body, produce))
