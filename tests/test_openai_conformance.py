@@ -73,7 +73,9 @@ def test_token_id_arrays_are_400_with_a_way_out(client: httpx.Client, tokens: An
         ("/v1/prompt-embeddings", {"prompts": [], "class_names": ["a"]}, "prompts"),
     ],
 )
-def test_validation_errors_are_400_with_param(client: httpx.Client, path: str, body: Json, param: str) -> None:
+def test_validation_errors_are_400_with_param(
+    client: httpx.Client, path: str, body: Json, param: str
+) -> None:
     error = assert_error(client.post(path, json=body), 400, "invalid_request")
     assert error["type"] == "invalid_request_error"
     assert error["param"] == param, error

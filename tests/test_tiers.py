@@ -131,15 +131,21 @@ def test_scope_algebra() -> None:
 
 
 def test_admin_route_creates_keys_by_tier(tmp_path: Path) -> None:
-    settings = ServerSettings(db=tmp_path / "admin.db", admin_token="t0ken", model="cbbt-tiny", pretrained="none")
+    settings = ServerSettings(
+        db=tmp_path / "admin.db", admin_token="t0ken", model="cbbt-tiny", pretrained="none"
+    )
     auth = {"Authorization": "Bearer t0ken"}
     with TestClient(create_app(settings)) as client:
-        made = client.post("/admin/keys", headers=auth, json={"name": "p", "budget_items": 5, "tier": "predictions"})
+        made = client.post(
+            "/admin/keys", headers=auth, json={"name": "p", "budget_items": 5, "tier": "predictions"}
+        )
         assert made.status_code == 201, made.text
         record = made.json()["record"]
         assert record["tier"] == "predictions" and record["scopes"] == ["classify", "tokens"]
         both = client.post(
-            "/admin/keys", headers=auth, json={"name": "q", "budget_items": 5, "tier": "full", "scopes": ["embed"]}
+            "/admin/keys",
+            headers=auth,
+            json={"name": "q", "budget_items": 5, "tier": "full", "scopes": ["embed"]},
         )
         assert_error(both, 400, "invalid_request")  # type: ignore[arg-type]
         bad = client.post("/admin/keys", headers=auth, json={"name": "r", "budget_items": 5, "tier": "gold"})
