@@ -34,7 +34,7 @@ from client.api import CbbtClient
 from client.artifact import TENSORS_FILE
 from client.cli import main as cbbt
 from client.data import load_dataset
-from client.train import CHECKPOINT_FILE
+from client.run_folder import RunFolder
 from shared.schemas import UsageReport
 from tests.helpers import REPO_ROOT, ServerProcess
 
@@ -232,7 +232,7 @@ def _subprocess_env() -> dict[str, str]:
 
 def _checkpoint_step(out: Path) -> int:
     try:
-        return int(torch.load(out / CHECKPOINT_FILE, weights_only=True)["step"])
+        return int(torch.load(RunFolder(out).checkpoint, weights_only=True)["step"])
     except (FileNotFoundError, RuntimeError, EOFError):
         return -1
 
