@@ -299,6 +299,19 @@ FITS: dict[str, FitFn] = {
 # ---------------------------------------------------------------------------------------------
 
 
+def fit_logit_scale(train: torch.Tensor, labels: torch.Tensor, text: torch.Tensor) -> float:
+    """The temperature of the zero-shot logits that maximises the training shots' likelihood
+    (train [N, V, D], every view a sample): a 1-D search on a log grid, no query."""
+    views = train.shape[1]
+    cos = F.normalize(train.reshape(-1, train.shape[-1]), dim=-1) @ F.normalize(text, dim=-1).T
+    targets = labels.repeat_interleave(views)
+    grid = torch.logspace(0.0, 2.5, 61)  # 1 .. ~316 (CLIP's learned scale is 100)
+    losses = torch.stack([F.cross_entropy(scale * cos, targets) for scale in grid])
+    scale = float(grid[int(losses.argmin())])
+    logger.info("logit scale fitted on the training shots: %.2f", scale)
+    return scale
+
+
 def run_feature_method(
     api: ModelApi,
     features: FeatureStore,
@@ -337,7 +350,8 @@ def run_feature_method(
     texts = [cfg.template.format(name) for name in classes]
     text = torch.from_numpy(api.embed_texts(texts))
     counter.loss_evaluations += 1  # one "prompt evaluation": the template for all C classes
-    scale = card.logit_scale
+    # An embeddings-tier API publishes no logit scale (0 on its card): fit it on the shots.
+    scale = card.logit_scale if card.logit_scale > 0 else fit_logit_scale(train, labels_of(split.train), text)
     data = FeatureData(
         train, labels_of(split.train), val, labels_of(split.val), test, labels_of(split.test), text, scale
     )
