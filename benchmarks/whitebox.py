@@ -48,9 +48,10 @@ from client.data import FewShotSplit, few_shot_split, load_dataset
 from client.errors import RequestError
 from client.features import FeatureCache, FeatureStore
 from client.model import accuracy_and_loss, logits_of, make_adapter, state_of
-from client.report import RunReport, write_report
+from client.report import RunReport, finish_report
+from client.run_context import fetch_split_features
 from client.run_folder import RunFolder
-from client.selection import BATCH_SEED_OFFSET, Best, Selection, labels_of, sample_batch
+from client.selection import BATCH_SEED_OFFSET, Best, Selection, sample_batch
 from client.steppers import cosine_with_warmup
 from client.tune_config import TuneConfig
 from server.backends.base import Backend, PromptItem
@@ -224,10 +225,9 @@ def run_coop(
     scale = card.logit_scale
     service = InProcessService(backend)
     store = FeatureStore(service, cache)
-    train = torch.from_numpy(store.features(split.train, cfg.views))
-    val = torch.from_numpy(store.features(split.val, 1))[:, 0]
-    test = torch.from_numpy(store.features(split.test, 1))[:, 0]
-    y_train, y_val, y_test = labels_of(split.train), labels_of(split.val), labels_of(split.test)
+    cached = fetch_split_features(store, split, cfg.views)
+    train, val, test = cached.train, cached.val, cached.test
+    y_train, y_val, y_test = cached.train_labels, cached.val_labels, cached.test_labels
     counter = service.counter
     feature_items = counter.items
 
@@ -320,31 +320,23 @@ def run_coop(
         adapter.load_state_dict(best.adapter)
     test_acc, _ = accuracy_and_loss(adapter, test, y_test, best.text_features, scale)
     logger.info("%s: val %.4f, test %.4f (zero-shot %.4f)", name, best.val_accuracy, test_acc, zero_test)
-    report = RunReport(
+    return finish_report(
+        folder,
+        selection.curve,
         method=name,
+        split=split,
+        card=card,
+        counter=counter,
+        scores=(zero_val, zero_test, best.val_accuracy, best.val_loss, test_acc),
+        feature_items_charged=feature_items,
+        started=started,
         white_box=True,
         note="NOT black-box: exact gradients through the model, in-process (a reference ceiling)",
-        shots=split.shots,
-        seed=cfg.seed,
-        model=card.id,
-        classes=len(classes),
-        zero_shot_val_accuracy=zero_val,
-        zero_shot_test_accuracy=zero_test,
-        val_accuracy=best.val_accuracy,
-        val_loss=best.val_loss,
-        test_accuracy=test_acc,
         selected_step=best.step,
         prompt_steps=steps,
         adapter_epochs=adapter_epochs,
-        queries=counter.as_dict(),
-        feature_items_charged=feature_items,
-        budget=None,
-        test_images=int(test.shape[0]),
-        wall_seconds=time.time() - started,
         config=asdict(cfg),
     )
-    write_report(report, selection.curve, folder)
-    return report
 
 
 # ---------------------------------------------------------------------------------------------

@@ -127,6 +127,7 @@ def tune(args: TuneArgs, settings: ClientSettings) -> int:
             _feature_store(client, settings),
             resume=args.resume,
             progress=Progress(args.progress),
+            on_plan=lambda plan: print(f"plan:\n{plan}", flush=True),
         )
     _print_summary(report, run.folder)
     return 0
@@ -140,7 +141,9 @@ def _print_summary(report: RunReport, folder: RunFolder) -> None:
 
 # -- eval, predict, usage -----------------------------------------------------------------------
 def _image_features(client: CbbtClient, settings: ClientSettings, examples: list[Example]) -> torch.Tensor:
-    return torch.from_numpy(_feature_store(client, settings).features(examples, 1))[:, 0]
+    store = _feature_store(client, settings)
+    with Progress().bar("image features", store.missing_count(examples, 1), "img") as bar:
+        return torch.from_numpy(store.features(examples, 1, on_batch=bar.update))[:, 0]
 
 
 def evaluate(args: EvalArgs, settings: ClientSettings) -> int:

@@ -39,8 +39,7 @@ import logging
 import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, replace
-from pathlib import Path
+from dataclasses import asdict, dataclass, field, fields, replace
 
 import torch
 import torch.nn.functional as F
@@ -53,15 +52,11 @@ from client.adapters import (
     clip_logits,
     search_alpha_beta,
 )
-from client.api import ModelApi
-from client.data import FewShotSplit
 from client.errors import BudgetTooSmall, RequestError
-from client.features import FeatureStore
 from client.model import score
-from client.progress import NO_PROGRESS, Progress
-from client.report import RunReport, write_report
-from client.run_folder import RunFolder
-from client.selection import better, curve_point, labels_of
+from client.report import RunReport, finish_report
+from client.run_context import RunContext, SplitFeatures
+from client.selection import better, curve_point
 
 logger = logging.getLogger(__name__)
 
@@ -127,15 +122,9 @@ class FeatureConfig:
 
 
 @dataclass
-class FeatureData:
-    """Features as tensors: train [N, V, D], val [Nv, D], test [Nt, D], class texts [C, D]."""
+class FeatureData(SplitFeatures):
+    """The split's features plus the template's class text features [C, D] and the logit scale."""
 
-    train: torch.Tensor
-    train_labels: torch.Tensor
-    val: torch.Tensor
-    val_labels: torch.Tensor
-    test: torch.Tensor
-    test_labels: torch.Tensor
     text: torch.Tensor
     scale: float  # the model's logit scale
     template_texts: torch.Tensor | None = None  # [K, C, D]: every searched template's class texts
@@ -143,12 +132,6 @@ class FeatureData:
     @property
     def classes(self) -> int:
         return int(self.text.shape[0])
-
-    @property
-    def flat_train(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Every cached view as its own training sample: [N·V, D] and [N·V]."""
-        n, views, dim = self.train.shape
-        return self.train.reshape(n * views, dim), self.train_labels.repeat_interleave(views)
 
 
 # A fitted classifier: image features [N, D] -> logits [N, C].
@@ -450,26 +433,18 @@ def fit_logit_scale(train: torch.Tensor, labels: torch.Tensor, text: torch.Tenso
     return scale
 
 
-def run_feature_method(
-    api: ModelApi,
-    features: FeatureStore,
-    split: FewShotSplit,
-    cfg: FeatureConfig,
-    out_dir: Path,
-    *,
-    name: str | None = None,
-    progress: Progress = NO_PROGRESS,
-) -> RunReport:
+def run_feature_method(ctx: RunContext, cfg: FeatureConfig) -> RunReport:
     started = time.time()
+    api, split = ctx.api, ctx.split
     fit_fn = FITS.get(cfg.method)
     if fit_fn is None:
         raise RequestError(f"unknown feature method {cfg.method!r}; one of {', '.join(FITS)}")
-    folder = RunFolder(out_dir).create()
+    ctx.folder.create()
     card = api.model_card()
     classes = list(split.class_names)
     # As the tuner does, the budget counts image features at full price, cached or not, so
     # the check does not depend on what other runs left in the cache.
-    full_price = features.item_count(split.train, cfg.views) + features.item_count(split.val + split.test, 1)
+    full_price = ctx.feature_items(cfg.views)
     searched = list(cfg.search_templates) if cfg.method in NEEDS_TEMPLATES else []
     fixed = full_price + len(classes) * (1 + len(searched))
     if cfg.budget is not None and fixed > cfg.budget:
@@ -478,14 +453,11 @@ def run_feature_method(
             f"({full_price} + {len(classes)} = {fixed} items); "
             "raise --budget or lower --views/--test-per-class"
         )
-    missing = features.missing_count(split.train, cfg.views) + features.missing_count(
-        split.val + split.test, 1
-    )
+    missing = ctx.feature_items(cfg.views, missing=True)  # what this run pays for
     counter = api.counter
-    with progress.bar("image features", missing, "img") as bar:
-        train = torch.from_numpy(features.features(split.train, cfg.views, on_batch=bar.update))
-        val = torch.from_numpy(features.features(split.val, 1, on_batch=bar.update))[:, 0]
-        test = torch.from_numpy(features.features(split.test, 1, on_batch=bar.update))[:, 0]
+    if ctx.on_plan is not None:
+        ctx.on_plan(f"features: {full_price} items ({missing} not cached); class texts: {len(classes)} items")
+    images = ctx.fetch_features(cfg.views)
     texts = [cfg.template.format(name) for name in classes]
     text = torch.from_numpy(api.embed_texts(texts))
     counter.loss_evaluations += 1  # one "prompt evaluation": the template for all C classes
@@ -495,17 +467,14 @@ def run_feature_method(
         template_texts = torch.from_numpy(api.embed_texts(flat)).reshape(len(searched), len(classes), -1)
         counter.loss_evaluations += len(searched)
     # An embeddings-tier API publishes no logit scale (0 on its card): fit it on the shots.
-    scale = card.logit_scale if card.logit_scale > 0 else fit_logit_scale(train, labels_of(split.train), text)
+    scale = card.logit_scale
+    if scale <= 0:
+        scale = fit_logit_scale(images.train, images.train_labels, text)
     data = FeatureData(
-        train,
-        labels_of(split.train),
-        val,
-        labels_of(split.val),
-        test,
-        labels_of(split.test),
-        text,
-        scale,
-        template_texts,
+        **{f.name: getattr(images, f.name) for f in fields(images)},
+        text=text,
+        scale=scale,
+        template_texts=template_texts,
     )
 
     zero_val, _ = score(clip_logits(data.val, text, scale), data.val_labels)
@@ -523,24 +492,17 @@ def run_feature_method(
         curve_point(0, zero_val, math.nan, counter),
         curve_point(1, fit.val_accuracy, math.nan, counter),
     ]
-    report = RunReport(
-        method=name or cfg.method,
-        shots=split.shots,
-        seed=cfg.seed,
-        model=card.id,
-        classes=len(classes),
-        zero_shot_val_accuracy=zero_val,
-        zero_shot_test_accuracy=zero_test,
-        val_accuracy=fit.val_accuracy,
-        val_loss=fit.val_loss,
-        test_accuracy=test_accuracy,
-        selected=fit.selected,
-        queries=counter.as_dict(),
+    return finish_report(
+        ctx.folder,
+        curve,
+        method=ctx.name,
+        split=split,
+        card=card,
+        counter=counter,
+        scores=(zero_val, zero_test, fit.val_accuracy, fit.val_loss, test_accuracy),
         feature_items_charged=missing,
+        started=started,
+        selected=fit.selected,
         budget=cfg.budget,
-        test_images=int(data.test.shape[0]),
-        wall_seconds=time.time() - started,
         config=asdict(cfg),
     )
-    write_report(report, curve, folder)
-    return report

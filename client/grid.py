@@ -121,8 +121,11 @@ class Bench:
         with self._client() as client:
             store = FeatureStore(client, self.cache)
             started = time.time()
-            store.features(split.train, self.cfg.views)
-            store.features(split.val + split.test, 1)
+            views, rest = self.cfg.views, split.val + split.test
+            todo = store.missing_count(split.train, views) + store.missing_count(rest, 1)
+            with Progress(self.cfg.progress).bar(f"features, seed {split.seed}", todo, "img") as bar:
+                store.features(split.train, views, on_batch=bar.update)
+                store.features(rest, 1, on_batch=bar.update)
             if client.counter.items:
                 record = {
                     "shots": split.shots,

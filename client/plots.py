@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from client.grouping import Group, groups, mean_std, ordered_methods
+from client.run_folder import RunFolder
 
 CurvePoints = list[dict[str, float]]
 
@@ -44,7 +45,7 @@ def plot_curve(curve: CurvePoints, path: Path, *, title: str = "") -> None:
 
 def _load_curve(record: Mapping[str, Any]) -> list[tuple[float, float]]:
     """(items including features, best validation accuracy so far) along the run."""
-    path = Path(record["run_dir"]) / "curve.json"
+    path = RunFolder(Path(record["run_dir"])).curve
     if not path.exists():
         return []
     offset = int(record["items_including_features"]) - int(record["items_charged"])

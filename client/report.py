@@ -10,12 +10,16 @@ from __future__ import annotations
 import json
 import logging
 import math
+import time
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
+from client.api import QueryCounter
+from client.data import FewShotSplit
 from client.plots import plot_curve
 from client.run_folder import RunFolder
 from client.selection import CurvePoint
+from shared.schemas import ModelCard
 
 logger = logging.getLogger(__name__)
 
@@ -87,3 +91,40 @@ def write_report(report: RunReport, curve: list[CurvePoint], folder: RunFolder) 
     folder.report.write_text(json.dumps(json_safe(report.as_dict()), indent=2))
     folder.curve.write_text(json.dumps(json_safe(curve)))
     plot_curve(curve, folder.curve_plot, title=f"{report.method} · {report.shots}-shot")
+
+
+def finish_report(
+    folder: RunFolder,
+    curve: list[CurvePoint],
+    *,
+    method: str,
+    split: FewShotSplit,
+    card: ModelCard,
+    counter: QueryCounter,
+    scores: tuple[float, float, float, float | None, float],
+    feature_items_charged: int,
+    started: float,
+    **details: Any,
+) -> RunReport:
+    """The report every run ends with, written to its folder. `scores`: zero-shot val and test
+    accuracy, then the selected checkpoint's val accuracy, val loss, and its test accuracy."""
+    zero_val, zero_test, val_accuracy, val_loss, test_accuracy = scores
+    report = RunReport(
+        method=method,
+        shots=split.shots,
+        seed=split.seed,
+        model=card.id,
+        classes=len(split.class_names),
+        zero_shot_val_accuracy=zero_val,
+        zero_shot_test_accuracy=zero_test,
+        val_accuracy=val_accuracy,
+        val_loss=val_loss,
+        test_accuracy=test_accuracy,
+        queries=counter.as_dict(),
+        feature_items_charged=feature_items_charged,
+        test_images=len(split.test),
+        wall_seconds=time.time() - started,
+        **details,
+    )
+    write_report(report, curve, folder)
+    return report

@@ -100,6 +100,12 @@ class BenchFolder:
     def run(self, method: str, shots: int, seed: int) -> RunFolder:
         return RunFolder(self.path / method / f"{shots}shot" / f"seed{seed}")
 
+    def seeds(self, method: str, shots: int) -> list[int]:
+        """The seeds with a run folder for (method, shots)."""
+        return sorted(
+            int(p.name.removeprefix("seed")) for p in (self.path / method / f"{shots}shot").glob("seed*")
+        )
+
     def runs_on_disk(self) -> list[RunFolder]:
         """Every run folder the bench recorded (bench.json) under this data set."""
         return [RunFolder(p.parent) for p in sorted(self.path.glob("*/*shot/seed*/bench.json"))]

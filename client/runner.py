@@ -15,7 +15,7 @@ import logging
 import os
 import subprocess
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,6 +29,7 @@ from client.methods import METHODS, MethodSpec, feature_config_for, tune_config_
 from client.openai_api import OpenAIEmbeddingsClient, TierNotAllowed
 from client.progress import NO_PROGRESS, Progress
 from client.report import RunReport
+from client.run_context import RunContext
 from client.run_folder import RunFolder
 from client.server_process import REPO_ROOT
 from client.train import Tuner
@@ -88,8 +89,10 @@ def run_method(
     resume: bool = False,
     progress: Progress = NO_PROGRESS,
     local_model: LocalModel | None = None,
+    on_plan: Callable[[str], None] | None = None,
 ) -> RunReport:
-    """Run it; returns its report (also in `run.folder`)."""
+    """Run it; returns its report (also in `run.folder`). `on_plan` hears the run's planned
+    cost before anything is spent."""
     spec = run.method
     if spec.kind == "whitebox":
         return run_whitebox(run, local_model)
@@ -100,14 +103,10 @@ def run_method(
             f"{spec.name} needs soft prompts: cbbt's full tier; this API is the embeddings tier "
             f"(methods that run on it: {', '.join(n for n, m in METHODS.items() if m.kind == 'feature')})"
         )
+    ctx = RunContext(api, features, run.split, run.folder, spec.name, progress, on_plan)
     if spec.kind == "feature":
-        cfg = feature_config_for(spec, run.run_settings)
-        return run_feature_method(
-            api, features, run.split, cfg, run.folder.path, name=spec.name, progress=progress
-        )
-    tune_cfg = tune_config_for(spec, run.flags, run.run_settings)
-    tuner = Tuner(api, features, run.split, tune_cfg, run.folder.path, name=spec.name, progress=progress)
-    return tuner.run(resume=resume).report
+        return run_feature_method(ctx, feature_config_for(spec, run.run_settings))
+    return Tuner(ctx, tune_config_for(spec, run.flags, run.run_settings)).run(resume=resume).report
 
 
 def run_whitebox(run: RunSpec, local: LocalModel | None) -> RunReport:

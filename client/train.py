@@ -35,32 +35,19 @@ from torch import nn
 from client.adapters import TipAdapter, clip_logits, search_alpha_beta
 from client.api import ModelApi
 from client.artifact import Artifact, save_artifact
-from client.data import FewShotSplit
 from client.errors import QuotaExhausted, RequestError
-from client.features import FeatureStore
 from client.model import accuracy_and_loss, logits_of, make_adapter, state_of
 from client.oracle import PromptLoss, prompt_text_features
 from client.plan import Plan, check_fixed_costs, make_plan
-from client.progress import NO_PROGRESS, Progress, show_point
-from client.report import RunReport, write_report
+from client.progress import show_point
+from client.report import RunReport, finish_report
+from client.run_context import RunContext, SplitFeatures
 from client.run_folder import RunFolder
-from client.selection import BATCH_SEED_OFFSET, Best, Selection, labels_of, sample_batch
+from client.selection import BATCH_SEED_OFFSET, Best, Selection, sample_batch
 from client.steppers import PromptStepper, cosine_with_warmup, make_stepper, points_per_step
 from client.tune_config import TuneConfig
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class Data:
-    """Cached features as tensors: train [N, V, D], val [Nv, D], test [Nt, D]."""
-
-    train: torch.Tensor
-    train_labels: torch.Tensor
-    val: torch.Tensor
-    val_labels: torch.Tensor
-    test: torch.Tensor
-    test_labels: torch.Tensor
 
 
 @dataclass
@@ -150,31 +137,22 @@ class FeatureSpend:
 
 
 class Tuner:
-    def __init__(
-        self,
-        api: ModelApi,
-        features: FeatureStore,
-        split: FewShotSplit,
-        cfg: TuneConfig,
-        out_dir: Path,
-        *,
-        name: str | None = None,
-        progress: Progress = NO_PROGRESS,
-    ) -> None:
-        self.api = api
-        self.features = features
-        self.split = split
+    """One tuning run of `cfg` in `ctx` (ctx.name is the method's registry name)."""
+
+    def __init__(self, ctx: RunContext, cfg: TuneConfig) -> None:
+        self.ctx = ctx
+        self.api = ctx.api
+        self.features = ctx.features
+        self.split = ctx.split
         self.cfg = cfg
-        self.folder = RunFolder(out_dir)
-        self.name = name or cfg.method
-        self.progress = progress
-        self.card = api.model_card()
+        self.folder = ctx.folder
+        self.card = self.api.model_card()
         self.scale = self.card.logit_scale
-        self.classes = list(split.class_names)
+        self.classes = list(ctx.split.class_names)
         torch.manual_seed(cfg.seed)
         self.generator = torch.Generator().manual_seed(cfg.seed)
         self.batch_generator = torch.Generator().manual_seed(cfg.seed + BATCH_SEED_OFFSET)
-        self.selection = Selection(api.counter)
+        self.selection = Selection(self.api.counter)
         self.at = RunPosition()
         self.run_id = ""
 
@@ -192,6 +170,8 @@ class Tuner:
         theta0 = torch.from_numpy(tokens).float()
         plan = self._fixed_plan(self.plan(theta0.numel(), feature_items), resume)
         logger.info("plan:\n%s", plan.describe())
+        if self.ctx.on_plan is not None:  # before the features, the bulk of a small run's spending
+            self.ctx.on_plan(plan.describe())
         data = self.fetch_features(spend)
         text0 = prompt_text_features(self.api, theta0.unsqueeze(0), self.classes, f"{self.run_id}/init")[0]
         zero_val, _ = accuracy_and_loss(None, data.val, data.val_labels, text0, self.scale)
@@ -206,7 +186,7 @@ class Tuner:
         adapter_epochs = cfg.adapter_epochs if parts.adapter_opt is not None else 0
         with (
             stop_on_signals() as stop_requested,
-            self.progress.bar(f"{self.name} steps", plan.steps + adapter_epochs, "step") as bar,
+            self.ctx.progress.bar(f"{self.ctx.name} steps", plan.steps + adapter_epochs, "step") as bar,
         ):
             bar.update(self.at.step + self.at.adapter_epoch)
             self.selection.on_point = lambda point: show_point(bar, point)
@@ -227,8 +207,7 @@ class Tuner:
         """Items the image features cost at full price. Cached features are not charged, but
         the plan counts them anyway: a run's schedule must not depend on what some earlier run
         left in the cache (benchmarks sharing a cache, resumed runs)."""
-        s, cfg = self.split, self.cfg
-        return self.features.item_count(s.train, cfg.views) + self.features.item_count(s.val + s.test, 1)
+        return self.ctx.feature_items(self.cfg.views)
 
     def plan(self, prompt_dim: int, feature_items: int) -> Plan:
         s, cfg = self.split, self.cfg
@@ -245,21 +224,10 @@ class Tuner:
             tunes_prompt=cfg.tunes_prompt,
         )
 
-    def fetch_features(self, spend: FeatureSpend) -> Data:
-        s, views = self.split, self.cfg.views
-        missing = self.features.missing_count(s.train, views) + self.features.missing_count(s.val + s.test, 1)
-        with self.progress.bar("image features", missing, "img") as bar:
+    def fetch_features(self, spend: FeatureSpend) -> SplitFeatures:
+        return self.ctx.fetch_features(self.cfg.views, on_batch=spend.record)
 
-            def fetched(images: int) -> None:
-                spend.record(images)
-                bar.update(images)
-
-            train = torch.from_numpy(self.features.features(s.train, views, on_batch=fetched))
-            val = torch.from_numpy(self.features.features(s.val, 1, on_batch=fetched))[:, 0]
-            test = torch.from_numpy(self.features.features(s.test, 1, on_batch=fetched))[:, 0]
-        return Data(train, labels_of(s.train), val, labels_of(s.val), test, labels_of(s.test))
-
-    def _parts(self, theta0: torch.Tensor, data: Data, plan: Plan) -> Parts:
+    def _parts(self, theta0: torch.Tensor, data: SplitFeatures, plan: Plan) -> Parts:
         cfg = self.cfg
         adapter = make_adapter(
             cfg.adapter_kind, self.card.feature_dim, data.train, data.train_labels, len(self.classes),
@@ -282,7 +250,9 @@ class Tuner:
         return Parts(theta0.clone(), stepper, adapter, adapter_opt)
 
     # -- steps ----------------------------------------------------------------------------------
-    def _prompt_steps(self, plan: Plan, data: Data, parts: Parts, stop_requested: Callable[[], bool]) -> None:
+    def _prompt_steps(
+        self, plan: Plan, data: SplitFeatures, parts: Parts, stop_requested: Callable[[], bool]
+    ) -> None:
         """Prompt-only steps first, then prompt + adapter, until the plan or the budget ends."""
         cfg, at = self.cfg, self.at
         while at.step < plan.steps and at.stopped_reason is None:
@@ -315,7 +285,7 @@ class Tuner:
                 self._save_checkpoint(parts)
 
     def _adapter_epochs(
-        self, plan: Plan, data: Data, parts: Parts, stop_requested: Callable[[], bool]
+        self, plan: Plan, data: SplitFeatures, parts: Parts, stop_requested: Callable[[], bool]
     ) -> None:
         """The adapter alone, on cached features, with the selected prompt (free)."""
         adapter, opt, best = parts.adapter, parts.adapter_opt, self.selection.best
@@ -363,7 +333,7 @@ class Tuner:
         theta: torch.Tensor,
         texts: torch.Tensor,
         adapter: nn.Module | None,
-        data: Data,
+        data: SplitFeatures,
         train_loss: float,
     ) -> None:
         acc, loss = accuracy_and_loss(adapter, data.val, data.val_labels, texts, self.scale)
@@ -375,7 +345,7 @@ class Tuner:
     # -- finish ---------------------------------------------------------------------------------
     def _finish(
         self,
-        data: Data,
+        data: SplitFeatures,
         adapter: nn.Module | None,
         plan: Plan,
         zero_val: float,
@@ -398,30 +368,24 @@ class Tuner:
             config=asdict(self.cfg),
         )
         save_artifact(artifact, self.folder.artifact)
-        report = RunReport(
-            method=self.name,
-            shots=self.split.shots,
-            seed=self.cfg.seed,
-            model=self.card.id,
-            classes=len(self.classes),
-            zero_shot_val_accuracy=zero_val,
-            zero_shot_test_accuracy=zero_test,
-            val_accuracy=best.val_accuracy,
-            val_loss=best.val_loss,
-            test_accuracy=test_acc,
+        report = finish_report(
+            self.folder,
+            self.selection.curve,
+            method=self.ctx.name,
+            split=self.split,
+            card=self.card,
+            counter=self.api.counter,
+            scores=(zero_val, zero_test, best.val_accuracy, best.val_loss, test_acc),
+            feature_items_charged=spend.items,
+            started=started,
             selected_step=best.step,
             prompt_steps=self.at.step,
             adapter_epochs=self.at.adapter_epoch,
             stopped_reason=self.at.stopped_reason,
-            queries=self.api.counter.as_dict(),
-            feature_items_charged=spend.items,
             budget=self.cfg.budget,
             plan=plan.as_dict(),
-            test_images=int(data.test.shape[0]),
-            wall_seconds=time.time() - started,
             config=asdict(self.cfg),
         )
-        write_report(report, self.selection.curve, self.folder)
         logger.info(
             "test accuracy %.4f (zero-shot %.4f), items %d", test_acc, zero_test, self.api.counter.items
         )
