@@ -111,8 +111,7 @@ async def billed(request: Request, caller: Caller, charge: Charge) -> Response:
     key = caller.key
     if key is None:  # auth off: no accounting at all
         return _json_response(await _produce(state, charge), base_headers)
-    if charge.scope not in granted_scopes(key.scopes):
-        raise _outside_tier(key, charge)
+    check_tier(caller, charge.endpoint, charge.scope)
 
     idem_key = request.headers.get(IDEMPOTENCY_HEADER)
     if idem_key is not None:
@@ -226,15 +225,20 @@ async def _produce(state: ServiceState, charge: Charge) -> BaseModel:
         ) from exc
 
 
-def _outside_tier(key: ApiKey, charge: Charge) -> ApiError:
-    allowed = " or ".join(t.value for t in tiers_allowing(charge.scope)) or "no"
+def check_tier(caller: Caller, endpoint: str, scope: str) -> None:
+    """403 unless the key's tier (or scopes) include the route. Routes call it first, so a call
+    outside the key's tier costs no decoding; `billed` checks again."""
+    key = caller.key
+    if key is None or scope in granted_scopes(key.scopes):
+        return
+    allowed = " or ".join(t.value for t in tiers_allowing(scope)) or "no"
     tier = tier_of(key.scopes)
     if tier is None:  # a custom scope set, not one of the simulated API tiers
-        return ApiError(403, ErrorCode.permission_denied, f"this key lacks the {charge.scope!r} scope")
-    return ApiError(
+        raise ApiError(403, ErrorCode.permission_denied, f"this key lacks the {scope!r} scope")
+    raise ApiError(
         403,
         ErrorCode.tier_not_allowed,
-        f"this key is on the {tier.value} tier; /v1/{charge.endpoint} needs the {allowed} tier",
+        f"this key is on the {tier.value} tier; /v1/{endpoint} needs the {allowed} tier",
         headers={"x-should-retry": "false"},
     )
 

@@ -151,3 +151,10 @@ def test_admin_route_creates_keys_by_tier(tmp_path: Path) -> None:
         bad = client.post("/admin/keys", headers=auth, json={"name": "r", "budget_items": 5, "tier": "gold"})
         assert_error(bad, 400, "invalid_request")  # type: ignore[arg-type]
         assert bad.json()["error"]["param"] == "tier"
+
+
+def test_outside_the_tier_is_refused_before_any_decoding(server: ServerProcess) -> None:
+    key = _create(server, "k-emb-early", "--tier", "embeddings")
+    with server.client(key) as client:
+        response = client.post("/v1/classify", json={"images": ["not an image"], "texts": ["a cat"]})
+    assert_error(response, 403, "tier_not_allowed")  # not 400 invalid_base64: nothing was decoded

@@ -9,7 +9,7 @@ from fastapi import APIRouter, Depends, Request, Response
 from starlette.concurrency import run_in_threadpool
 
 from server.backends.base import PromptItem
-from server.billing import Caller, Charge, billed, require_caller
+from server.billing import Caller, Charge, billed, check_tier, require_caller
 from server.errors import ApiError
 from server.openapi import BILLED, WITH_ARRAYS, WITH_BODY, WITH_IMAGES, error_responses
 from server.routes.embeddings import decode_and_preprocess, image_limits
@@ -37,6 +37,7 @@ router = APIRouter(tags=["classify"])
 async def classify(
     body: ClassifyRequest, request: Request, caller: Annotated[Caller, Depends(require_caller)]
 ) -> Response:
+    check_tier(caller, "classify", SCOPE_CLASSIFY)
     state, backend, batchers = ready_state(request)
     check_model(body.model, backend)
     settings = state.settings

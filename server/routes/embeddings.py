@@ -9,7 +9,7 @@ from fastapi import APIRouter, Depends, Request, Response
 from starlette.concurrency import run_in_threadpool
 
 from server.backends.base import Backend
-from server.billing import Caller, Charge, billed, require_caller
+from server.billing import Caller, Charge, billed, check_tier, require_caller
 from server.errors import ApiError
 from server.images import ImageLimits, decode_image
 from server.openapi import BILLED, WITH_BODY, WITH_IMAGES, error_responses
@@ -109,6 +109,7 @@ def _truncate(features: torch.Tensor, dimensions: int | None) -> torch.Tensor:
 async def create_embeddings(
     body: EmbeddingRequest, request: Request, caller: Annotated[Caller, Depends(require_caller)]
 ) -> Response:
+    check_tier(caller, "embeddings", SCOPE_EMBED)
     state, backend, batchers = ready_state(request)
     check_model(body.model, backend)
     inputs = _string_inputs(body.input)

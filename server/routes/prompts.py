@@ -12,7 +12,7 @@ import torch
 from fastapi import APIRouter, Depends, Request, Response
 
 from server.backends.base import PromptItem
-from server.billing import Caller, Charge, billed, require_caller
+from server.billing import Caller, Charge, billed, check_tier, require_caller
 from server.openapi import BILLED, WITH_ARRAYS, WITH_BODY, error_responses
 from server.state import ready_state
 from server.tiers import SCOPE_PROMPT, SCOPE_TOKENS
@@ -44,6 +44,7 @@ router = APIRouter(tags=["prompts"])
 async def prompt_embeddings(
     body: PromptEmbeddingRequest, request: Request, caller: Annotated[Caller, Depends(require_caller)]
 ) -> Response:
+    check_tier(caller, "prompt-embeddings", SCOPE_PROMPT)
     state, backend, batchers = ready_state(request)
     check_model(body.model, backend)
     n_items = len(body.prompts) * len(body.class_names)
@@ -73,6 +74,7 @@ async def prompt_embeddings(
 async def token_embeddings(
     body: TokenEmbeddingRequest, request: Request, caller: Annotated[Caller, Depends(require_caller)]
 ) -> Response:
+    check_tier(caller, "token-embeddings", SCOPE_TOKENS)
     state, backend, _ = ready_state(request)
     check_model(body.model, backend)
     check_texts([body.text], state.settings.max_text_chars, param="text")
