@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import Any, Literal, Unpack
 
 import httpx
 import numpy as np
@@ -24,7 +24,7 @@ from pydantic import ValidationError
 
 from client.api import FALLBACK_LIMITS, CbbtClient, FloatArray, QueryCounter
 from client.errors import RequestError
-from client.session import DEFAULT_RETRY, DEFAULT_TIMEOUT, RetryPolicy
+from client.session import SessionOptions
 from shared.schemas import API_PREFIX, EmbeddingResponse, ModelCard, RequestLimits, UsageReport
 
 logger = logging.getLogger(__name__)
@@ -71,20 +71,12 @@ class OpenAIEmbeddingsClient(CbbtClient):
         api_key: str | None = None,
         *,
         model: str | None = None,
-        timeout: httpx.Timeout = DEFAULT_TIMEOUT,
-        retry: RetryPolicy = DEFAULT_RETRY,
-        transport: httpx.BaseTransport | None = None,
         counter: QueryCounter | None = None,
         max_items_per_request: int | None = None,
+        **session: Unpack[SessionOptions],
     ) -> None:
         super().__init__(
-            base_url,
-            api_key,
-            timeout=timeout,
-            retry=retry,
-            transport=transport,
-            counter=counter,
-            max_items_per_request=max_items_per_request,
+            base_url, api_key, counter=counter, max_items_per_request=max_items_per_request, **session
         )
         self.model = model
         self._feature_dim: int | None = None
