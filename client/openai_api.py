@@ -52,14 +52,15 @@ def detect_api(base_url: str, api_key: str | None, *, timeout_s: float = 30.0) -
             response = http.get(f"{API_PREFIX}/models")
     except httpx.TransportError:
         return "cbbt"  # the cbbt client then reports the unreachable server, with its retries
-    if response.is_success:
-        data = response.json().get("data") or [{}]
-        try:
-            ModelCard.model_validate(data[0])
-            return "cbbt"
-        except ValidationError:
-            return "openai"
-    return "openai"
+    if not response.is_success:
+        return "cbbt"  # a wrong key, a server error: the cbbt client reports it as it should
+    try:
+        ModelCard.model_validate((response.json().get("data") or [{}])[0])
+    except ValidationError:
+        return "openai"
+    except (ValueError, AttributeError, IndexError, TypeError):
+        return "cbbt"  # not an OpenAI-style model list at all
+    return "cbbt"
 
 
 class OpenAIEmbeddingsClient(CbbtClient):
