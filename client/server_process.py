@@ -70,7 +70,8 @@ class ServerProcess:
         log_path: Path | str | None = None,
         start_timeout_s: float = DEFAULT_START_TIMEOUT_S,
     ) -> None:
-        self.db = Path(db)
+        # A postgresql:// URL stays text (a Path would fold its '//'); a file path becomes a Path.
+        self.db: Path | str = db if str(db).startswith(("postgresql://", "postgres://")) else Path(db)
         self.model = model
         self.pretrained = pretrained
         self.auth = auth
@@ -78,7 +79,9 @@ class ServerProcess:
         self.env = dict(env or {})
         self.host = host
         self.port = port
-        self.log_path = Path(log_path) if log_path is not None else self.db.with_suffix(".server.log")
+        if log_path is None and not isinstance(self.db, Path):
+            raise ValueError("a server on a database URL needs a log_path")
+        self.log_path = Path(log_path) if log_path is not None else Path(self.db).with_suffix(".server.log")
         self.start_timeout_s = start_timeout_s
         self.process: subprocess.Popen[bytes] | None = None
         self.api_key: str | None = None  # set by create_key(..., default=True)

@@ -15,21 +15,21 @@ from fastapi_offline import FastAPIOffline
 from server.backends.base import Backend
 from server.backends.registry import create_backend
 from server.errors import install_error_handlers
+from server.lease import LeaseKeeper
 from server.metrics import Metrics
 from server.middleware import BodyLimitMiddleware, FaultInjectionMiddleware, MetricsMiddleware
 from server.openapi import install_openapi
-from server.ratelimit import RateLimiter
+from server.ratelimit import BucketStore, Limiter, RateLimiter, SharedRateLimiter
 from server.routes import classify, embeddings, health, models, prompts, usage
 from server.settings import ServerSettings
 from server.state import ServiceState
-from server.store.base import Store
-from server.store.lock import ServerLock
-from server.store.sqlite import SqliteStore
+from server.store.base import Store, StoreReadOnly
+from server.store.factory import open_store
 
 logger = logging.getLogger(__name__)
 
 
-def _load_backend(settings: ServerSettings) -> Backend:
+def load_backend(settings: ServerSettings) -> Backend:
     if settings.threads:
         torch.set_num_threads(settings.threads)
     backend = create_backend(
@@ -46,7 +46,7 @@ def _load_backend(settings: ServerSettings) -> Backend:
 async def _start_model(state: ServiceState, backend: Backend | None) -> None:
     try:
         if backend is None:
-            backend = await asyncio.to_thread(_load_backend, state.settings)
+            backend = await asyncio.to_thread(load_backend, state.settings)
         batchers = state.build_batchers(backend)
         for batcher in batchers.all():
             batcher.start()
@@ -61,18 +61,21 @@ def create_app(
 ) -> FastAPI:
     """Build the service. `backend`/`store` are injectable (tests); by default they come from settings."""
     settings = settings or ServerSettings()
-    metrics = Metrics()
+    metrics = Metrics(labels={"replica": settings.replica} if settings.replica else {})
     state = ServiceState(settings=settings, metrics=metrics, limiter=RateLimiter(), store=store)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        lock = None
+        keeper = None
         if state.store is None and settings.auth:
-            lock = ServerLock(settings.db)
-            lock.acquire()  # refuses to start if another server serves this database
-            sqlite = SqliteStore(settings.db)
-            sqlite.recover_unsettled()
-            state.store = sqlite
+            opened = await asyncio.to_thread(open_store, settings.db)
+            try:
+                keeper = await asyncio.to_thread(_claim_ownership, opened, settings)
+            except BaseException:
+                opened.close()
+                raise
+            state.store = opened
+            state.limiter = _limiter_for(opened)
         loader = asyncio.create_task(_start_model(state, backend))
         try:
             yield
@@ -83,9 +86,7 @@ def create_app(
                     await batcher.stop()
             state.model_executor.shutdown(wait=False, cancel_futures=True)
             if state.store is not None and store is None:
-                state.store.close()
-            if lock is not None:
-                lock.release()
+                await asyncio.to_thread(_leave, state.store, keeper)
 
     # FastAPIOffline serves /docs and /redoc from files in its wheel, not a CDN.
     app = FastAPIOffline(
@@ -111,6 +112,39 @@ def create_app(
     app.add_middleware(MetricsMiddleware, metrics=metrics, routes=routes)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     return app
+
+
+def _claim_ownership(store: Store, settings: ServerSettings) -> LeaseKeeper | None:
+    """Register as an owner of the database (recovering dead owners' requests) and keep the lease.
+
+    Raises DatabaseInUse when the store serves one process at a time and another one is live.
+    A read-only database can charge nothing, so it is served without a lease.
+    """
+    try:
+        store.claim_owner(settings.lease_ttl_s)
+    except StoreReadOnly:
+        logger.warning("the database is read-only: serving without an owner lease (nothing can be charged)")
+        return None
+    keeper = LeaseKeeper(store, settings.lease_ttl_s, settings.lease_interval_s)
+    keeper.start()
+    return keeper
+
+
+def _limiter_for(store: Store) -> Limiter:
+    """Replicas sharing a store share its rate-limit buckets; a single server keeps them in memory."""
+    if isinstance(store, BucketStore):
+        return SharedRateLimiter(store)
+    return RateLimiter()
+
+
+def _leave(store: Store, keeper: LeaseKeeper | None) -> None:
+    if keeper is not None:
+        keeper.stop()
+        try:
+            store.release_owner()
+        except Exception:  # the lease then expires by itself and another server recovers
+            logger.exception("could not release the owner lease")
+    store.close()
 
 
 def _route_paths(app: FastAPI) -> list[str]:

@@ -170,7 +170,7 @@ async def _charged(
     headers: dict[str, str],
     idem_key: str | None,
 ) -> Response:
-    decision = state.limiter.check_and_consume(key.id, key.rpm, key.ipm, charge.items)
+    decision = await _rate_check(state, key, charge.items)
     if not decision.allowed:
         raise _rate_limited(decision, key)
     store = _store(state)
@@ -179,7 +179,7 @@ async def _charged(
             state, store.reserve, key.id, charge.items, request_id, charge.endpoint
         )
     except QuotaExceeded as exc:
-        state.limiter.refund(key.id, charge.items)
+        await _rate_refund(state, key, charge.items)
         raise ApiError(
             429,
             ErrorCode.insufficient_quota,
@@ -187,17 +187,17 @@ async def _charged(
             headers={"x-should-retry": "false", "x-budget-remaining-items": str(exc.remaining_items or 0)},
         ) from exc
     except KeyNotFound as exc:  # revoked between authentication and the charge
-        state.limiter.refund(key.id, charge.items)
+        await _rate_refund(state, key, charge.items)
         raise ApiError(401, ErrorCode.invalid_api_key, "invalid or revoked API key") from exc
     except BaseException:
-        state.limiter.refund(key.id, charge.items)
+        await _rate_refund(state, key, charge.items)
         raise
     try:
         payload = await _produce(state, charge)
     except BaseException as exc:
         status = exc.status if isinstance(exc, ApiError) else 500
         await _quietly(state, store.refund, request_id, status)
-        state.limiter.refund(key.id, charge.items)
+        await _rate_refund(state, key, charge.items)
         raise
     state.metrics.items_charged.inc(charge.items)
     # From the charge itself, not from `key` (read at authentication, stale under concurrency).
@@ -241,6 +241,19 @@ def check_tier(caller: Caller, endpoint: str, scope: str) -> None:
         f"this key is on the {tier.value} tier; /v1/{endpoint} needs the {allowed} tier",
         headers={"x-should-retry": "false"},
     )
+
+async def _rate_check(state: ServiceState, key: ApiKey, items: int) -> RateDecision:
+    """In memory the check is instant; a shared limiter (buckets in the database) runs off the loop."""
+    if state.limiter.blocking:
+        return await _store_call(state, state.limiter.check_and_consume, key.id, key.rpm, key.ipm, items)
+    return state.limiter.check_and_consume(key.id, key.rpm, key.ipm, items)
+
+
+async def _rate_refund(state: ServiceState, key: ApiKey, items: int) -> None:
+    if state.limiter.blocking:
+        await _quietly(state, state.limiter.refund, key.id, items)
+    else:
+        state.limiter.refund(key.id, items)
 
 
 def _rate_limited(decision: RateDecision, key: ApiKey) -> ApiError:

@@ -27,7 +27,12 @@ _SERVE_FLAGS: tuple[tuple[str, str, Any, str], ...] = (
     ),
     ("--pretrained", "pretrained", str, "open_clip weights: a local checkpoint path, a hub tag, or 'none'"),
     ("--model-config-dir", "model_config_dir", str, "folder of extra open_clip model configs (JSON)"),
-    ("--db", "db", str, "SQLite database of keys, budgets and the usage ledger"),
+    (
+        "--db",
+        "db",
+        str,
+        "keys, budgets and the ledger: an SQLite file (one server) or a postgresql:// URL (replicas)",
+    ),
     ("--threads", "threads", int, "torch threads"),
     ("--max-items-per-request", "max_items_per_request", int, "items one request may carry"),
     ("--max-body-bytes", "max_body_bytes", int, "largest request body"),
@@ -50,6 +55,14 @@ def _add_serve_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentPa
     serve.add_argument(
         "--no-auth", dest="auth", action="store_false", default=None, help="open access, no budgets"
     )
+    ray = serve.add_argument_group("replicas on Ray Serve (needs the `ray` extra)")
+    ray.add_argument(
+        "--ray", action="store_true", help="serve N replicas on Ray Serve instead of one process"
+    )
+    ray.add_argument("--replicas", type=int, default=1, help="replicas, each with its own model (default 1)")
+    ray.add_argument(
+        "--ray-address", default=None, help="join this Ray cluster (default: start a local one on loopback)"
+    )
     subparsers.add_parser("models", help="list the model names this server can load")
 
 
@@ -62,11 +75,9 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
     return ServerSettings(**overrides)
 
 
-def serve(settings: ServerSettings) -> int:
-    import uvicorn
-
-    from server.app import create_app
-
+def serve(
+    settings: ServerSettings, *, ray: bool = False, replicas: int = 1, ray_address: str | None = None
+) -> int:
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
@@ -79,6 +90,14 @@ def serve(settings: ServerSettings) -> int:
         logging.getLogger(__name__).warning(
             "binding %s: the API is reachable from other machines", settings.host
         )
+    if ray:
+        from server.ray_serve import run
+
+        return run(settings, replicas, ray_address)
+    import uvicorn
+
+    from server.app import create_app
+
     uvicorn.run(
         create_app(settings),
         host=settings.host,
@@ -96,7 +115,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     add_keys_parser(subparsers)
     args = parser.parse_args(argv)
     if args.command == "serve":
-        return serve(settings_from_args(args))
+        if args.replicas < 1:
+            parser.error("--replicas must be at least 1")
+        return serve(
+            settings_from_args(args), ray=args.ray, replicas=args.replicas, ray_address=args.ray_address
+        )
     if args.command == "models":
         from server.backends.registry import list_models
 

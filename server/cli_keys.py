@@ -1,4 +1,4 @@
-"""`keys create|list|show|revoke|top-up`: manage API keys directly in the database file.
+"""`keys create|list|show|revoke|top-up`: manage API keys directly in the database (file or URL).
 
 Standard output carries only the result (the new key for `create`, JSON otherwise) so that
 scripts can capture it; every message for humans goes to standard error.
@@ -13,7 +13,8 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from server.store import DEFAULT_SCOPES, ApiKey, SqliteStore, StoreError, StoreUnavailable
+from server.store import DEFAULT_SCOPES, ApiKey, Store, StoreError, StoreUnavailable
+from server.store.factory import describe, open_store
 from server.tiers import Tier, scopes_for_tier, tier_of
 
 DB_ENV = "CBBT_DB"
@@ -38,7 +39,10 @@ def _non_negative_int(text: str) -> int:
 def _add_db_option(parser: argparse.ArgumentParser) -> None:
     # Resolved when the command runs, so CBBT_DB set after parser construction still counts.
     parser.add_argument(
-        "--db", default=None, metavar="PATH", help=f"SQLite database (default: ${DB_ENV} or {DEFAULT_DB})"
+        "--db",
+        default=None,
+        metavar="DB",
+        help=f"SQLite file or postgresql:// URL (default: ${DB_ENV} or {DEFAULT_DB})",
     )
 
 
@@ -100,7 +104,7 @@ def _scopes(args: argparse.Namespace) -> frozenset[str]:
     return frozenset(args.scopes) if args.scopes is not None else DEFAULT_SCOPES
 
 
-def _create(store: SqliteStore, args: argparse.Namespace) -> None:
+def _create(store: Store, args: argparse.Namespace) -> None:
     plaintext, key = store.create_key(
         args.name,
         _scopes(args),
@@ -110,9 +114,10 @@ def _create(store: SqliteStore, args: argparse.Namespace) -> None:
         ipm=args.ipm,
     )
     tier = tier_of(key.scopes)
+    where = describe(args.db or default_db_path())
     _note(
         f"created key {key.name!r} (id {key.id}, prefix {key.prefix}, "
-        f"tier {tier.value if tier else 'custom: ' + ' '.join(sorted(key.scopes))}) in {store.path}; "
+        f"tier {tier.value if tier else 'custom: ' + ' '.join(sorted(key.scopes))}) in {where}; "
         "store it now, it is not shown again"
     )
     sys.stdout.write(plaintext + "\n")
@@ -123,28 +128,28 @@ def _record(key: ApiKey) -> dict[str, Any]:
     return {**key.public_dict(), "tier": None if tier is None else tier.value}
 
 
-def _list(store: SqliteStore, _: argparse.Namespace) -> None:
+def _list(store: Store, _: argparse.Namespace) -> None:
     _emit_json([_record(key) for key in store.list_keys()])
 
 
-def _show(store: SqliteStore, args: argparse.Namespace) -> None:
+def _show(store: Store, args: argparse.Namespace) -> None:
     key, rows = store.usage(store.get_key(args.name).id, recent=RECENT_USAGE_ROWS)
     _emit_json({**_record(key), "recent": [row.public_dict() for row in rows]})
 
 
-def _revoke(store: SqliteStore, args: argparse.Namespace) -> None:
+def _revoke(store: Store, args: argparse.Namespace) -> None:
     key = store.revoke(args.name)
     _note(f"revoked key {key.name!r}")
     _emit_json(_record(key))
 
 
-def _top_up(store: SqliteStore, args: argparse.Namespace) -> None:
+def _top_up(store: Store, args: argparse.Namespace) -> None:
     key = store.top_up(args.name, items=args.items, requests=args.requests)
     _note(f"topped up key {key.name!r}: {args.items} items, {args.requests} requests")
     _emit_json(_record(key))
 
 
-_COMMANDS: dict[str, Callable[[SqliteStore, argparse.Namespace], None]] = {
+_COMMANDS: dict[str, Callable[[Store, argparse.Namespace], None]] = {
     "create": _create,
     "list": _list,
     "show": _show,
@@ -157,8 +162,11 @@ def run_keys_command(args: argparse.Namespace) -> int:
     """Run a parsed `keys ...` command. 0 ok, 1 store/lookup failure, 2 invalid input."""
     handler = _COMMANDS[args.keys_command]
     try:
-        with SqliteStore(args.db or default_db_path()) as store:
+        store = open_store(args.db or default_db_path())
+        try:
             handler(store, args)
+        finally:
+            store.close()
     except StoreUnavailable as exc:
         _note(f"error: database unavailable: {exc}")
         return 1

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.metrics_core import Metric
+from prometheus_client.registry import Collector
 
 from server.batching import BatchObserver
 
@@ -12,9 +15,32 @@ _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 
 
+class _Labelled(Collector):
+    """Every sample of another registry with constant labels added (a replica's name)."""
+
+    def __init__(self, inner: CollectorRegistry, labels: dict[str, str]) -> None:
+        self._inner = inner
+        self._labels = labels
+
+    def collect(self) -> Iterator[Metric]:
+        for family in self._inner.collect():
+            labelled = Metric(family.name, family.documentation, family.type, family.unit)
+            for sample in family.samples:
+                labelled.add_sample(
+                    sample.name,
+                    {**sample.labels, **self._labels},
+                    sample.value,
+                    sample.timestamp,
+                    sample.exemplar,
+                )
+            yield labelled
+
+
 @dataclass
 class Metrics:
     registry: CollectorRegistry = field(default_factory=CollectorRegistry)
+    # Constant labels on every series, e.g. {"replica": ...}: replicas scraped together stay apart.
+    labels: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         r = self.registry
@@ -47,5 +73,13 @@ class Metrics:
 
         return BatchObserver(on_batch=on_batch, on_queue_depth=on_queue_depth)
 
+    def exported(self) -> CollectorRegistry:
+        """What /metrics shows: the registry, with the constant labels on every series."""
+        if not self.labels:
+            return self.registry
+        labelled = CollectorRegistry(auto_describe=False)
+        labelled.register(_Labelled(self.registry, self.labels))
+        return labelled
+
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        return generate_latest(self.exported())

@@ -1,11 +1,13 @@
-"""In-memory per-key rate limits: requests per minute and items per minute.
+"""Per-key rate limits: requests per minute and items per minute.
 
 Token buckets: a bucket holds up to `limit` tokens and refills at limit/60 tokens per second,
 so a key may burst up to its per-minute limit and then sustain exactly that rate. A request
 takes 1 request token and `items` item tokens, from both buckets or from neither.
 
-The state is per process (it is not durable and not shared between server processes); the
-budget, which must be exact, lives in the store instead.
+Two places keep the buckets, behind one `Limiter` interface: `RateLimiter` in this process's
+memory (one server per SQLite file), and `SharedRateLimiter` in a store that many replicas
+share (PostgreSQL), so that a key's limits hold whichever replica a request lands on. The
+budget, which must be exact, is always the store's.
 """
 
 from __future__ import annotations
@@ -15,6 +17,9 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import ClassVar, Protocol, TypeVar, runtime_checkable
+
+T = TypeVar("T")
 
 # Absorbs float drift so that waiting exactly retry_after_s is always enough.
 _EPS = 1e-9
@@ -46,7 +51,7 @@ class RateDecision:
 
 
 @dataclass
-class _Bucket:
+class BucketState:
     limit: int
     tokens: float
     updated: float
@@ -75,12 +80,50 @@ class _Bucket:
         return LimitState(limit=self.limit, remaining=math.floor(self.tokens + _EPS), reset_s=reset)
 
 
+def _take(
+    req: BucketState | None, itm: BucketState | None, rpm: int | None, ipm: int | None, items: int
+) -> RateDecision:
+    """The decision on refilled buckets: take 1 request and `items` tokens from both, or none."""
+    never = _never_reason(rpm, ipm, items)
+    if never is not None:
+        return _decision(False, 0.0, req, itm, never=True, reason=never)
+    wait = max(req.wait_for(1) if req is not None else 0.0, itm.wait_for(items) if itm is not None else 0.0)
+    if wait > 0:
+        return _decision(False, wait, req, itm, reason=_wait_reason(req, itm, items))
+    if req is not None:
+        req.tokens -= 1
+    if itm is not None:
+        itm.tokens -= items
+    return _decision(True, 0.0, req, itm)
+
+
+def _give_back(bucket: BucketState, now: float, cost: int) -> None:
+    bucket.refill(now, bucket.limit)
+    bucket.tokens = min(float(bucket.limit), bucket.tokens + cost)
+
+
+class Limiter(Protocol):
+    """Where a server's rate limits are decided. `blocking`: calls do I/O (run them off the loop)."""
+
+    blocking: ClassVar[bool]
+
+    def check_and_consume(
+        self, key_id: int, rpm: int | None, ipm: int | None, items: int
+    ) -> RateDecision: ...
+
+    def refund(self, key_id: int, items: int, *, request: bool = True) -> None: ...
+
+    def forget(self, key_id: int) -> None: ...
+
+
 class RateLimiter:
-    """Thread-safe; `clock` (monotonic seconds) is injectable so tests need no sleeping."""
+    """In memory, thread-safe; `clock` (monotonic seconds) is injectable so tests need no sleeping."""
+
+    blocking: ClassVar[bool] = False
 
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self._clock = clock
-        self._buckets: dict[tuple[int, str], _Bucket] = {}
+        self._buckets: dict[tuple[int, str], BucketState] = {}
         self._lock = threading.Lock()
 
     def check_and_consume(
@@ -90,29 +133,17 @@ class RateLimiter:
         with self._lock:
             req = self._bucket(key_id, "requests", rpm, t)
             itm = self._bucket(key_id, "items", ipm, t)
-            never = _never_reason(rpm, ipm, items)
-            if never is not None:
-                return _decision(False, 0.0, req, itm, never=True, reason=never)
-            wait = max(
-                req.wait_for(1) if req is not None else 0.0, itm.wait_for(items) if itm is not None else 0.0
-            )
-            if wait > 0:
-                return _decision(False, wait, req, itm, reason=_wait_reason(req, itm, items))
-            if req is not None:
-                req.tokens -= 1
-            if itm is not None:
-                itm.tokens -= items
-            return _decision(True, 0.0, req, itm)
+            return _take(req, itm, rpm, ipm, items)
 
-    def refund(self, key_id: int, items: int, now: float | None = None) -> None:
-        """Give back one request and `items` (the request was refused or failed after the check)."""
+    def refund(self, key_id: int, items: int, now: float | None = None, *, request: bool = True) -> None:
+        """Give back `items` and (unless request=False) the request: it was refused or failed
+        after the check, or (request=False) it was answered from a stored replay."""
         t = self._clock() if now is None else now
         with self._lock:
-            for kind, cost in (("requests", 1), ("items", items)):
+            for kind, cost in (("requests", int(request)), ("items", items)):
                 bucket = self._buckets.get((key_id, kind))
                 if bucket is not None:
-                    bucket.refill(t, bucket.limit)
-                    bucket.tokens = min(float(bucket.limit), bucket.tokens + cost)
+                    _give_back(bucket, t, cost)
 
     def forget(self, key_id: int) -> None:
         """Drop a key's state (revoked or deleted keys)."""
@@ -120,15 +151,60 @@ class RateLimiter:
             for kind in ("requests", "items"):
                 self._buckets.pop((key_id, kind), None)
 
-    def _bucket(self, key_id: int, kind: str, limit: int | None, now: float) -> _Bucket | None:
+    def _bucket(self, key_id: int, kind: str, limit: int | None, now: float) -> BucketState | None:
         if limit is None:
             self._buckets.pop((key_id, kind), None)
             return None
         bucket = self._buckets.get((key_id, kind))
         if bucket is None:
-            bucket = self._buckets[(key_id, kind)] = _Bucket(limit=limit, tokens=float(limit), updated=now)
+            bucket = BucketState(limit=limit, tokens=float(limit), updated=now)
+            self._buckets[(key_id, kind)] = bucket
         bucket.refill(now, limit)
         return bucket
+
+
+@runtime_checkable
+class BucketStore(Protocol):
+    def update_buckets(
+        self,
+        key_id: int,
+        capacities: dict[str, int | None],
+        decide: Callable[[dict[str, BucketState], float], T],
+    ) -> T:
+        """Run `decide` on the key's locked buckets (at the store's time) and keep what it left."""
+        ...
+
+
+class SharedRateLimiter:
+    """The same token buckets, kept in a store that every replica shares (one locked row each)."""
+
+    blocking: ClassVar[bool] = True
+
+    def __init__(self, store: BucketStore) -> None:
+        self._store = store
+
+    def check_and_consume(self, key_id: int, rpm: int | None, ipm: int | None, items: int) -> RateDecision:
+        if rpm is None and ipm is None:  # an unlimited key costs the database nothing here
+            return _take(None, None, rpm, ipm, items)
+
+        def decide(buckets: dict[str, BucketState], now: float) -> RateDecision:
+            for kind, limit in (("requests", rpm), ("items", ipm)):
+                if limit is not None:
+                    buckets[kind].refill(now, limit)
+            return _take(buckets.get("requests"), buckets.get("items"), rpm, ipm, items)
+
+        return self._store.update_buckets(key_id, {"requests": rpm, "items": ipm}, decide)
+
+    def refund(self, key_id: int, items: int, *, request: bool = True) -> None:
+        def give_back(buckets: dict[str, BucketState], now: float) -> None:
+            for kind, cost in (("requests", int(request)), ("items", items)):
+                if kind in buckets:
+                    _give_back(buckets[kind], now, cost)
+
+        self._store.update_buckets(key_id, {}, give_back)  # the buckets as stored, whatever their limits
+
+    def forget(self, key_id: int) -> None:
+        self._store.update_buckets(key_id, {"requests": None, "items": None}, lambda _buckets, _now: None)
 
 
 def _never_reason(rpm: int | None, ipm: int | None, items: int) -> str | None:
@@ -139,7 +215,7 @@ def _never_reason(rpm: int | None, ipm: int | None, items: int) -> str | None:
     return None
 
 
-def _wait_reason(req: _Bucket | None, itm: _Bucket | None, items: int) -> str:
+def _wait_reason(req: BucketState | None, itm: BucketState | None, items: int) -> str:
     if req is not None and req.wait_for(1) > 0:
         return f"rate limit of {req.limit} requests per minute reached"
     assert itm is not None  # a positive wait came from one of the two buckets
@@ -149,8 +225,8 @@ def _wait_reason(req: _Bucket | None, itm: _Bucket | None, items: int) -> str:
 def _decision(
     allowed: bool,
     retry_after_s: float,
-    req: _Bucket | None,
-    itm: _Bucket | None,
+    req: BucketState | None,
+    itm: BucketState | None,
     *,
     never: bool = False,
     reason: str | None = None,

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
+from typing import Any
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_MODEL = "devise-effnet-minilm"
@@ -28,10 +30,16 @@ class ServerSettings(BaseSettings):
     threads: int | None = Field(default=None, description="torch intra-op threads (default: torch's choice)")
 
     # Accounting.
-    db: Path = Path("cbbt.db")
+    db: str = Field(
+        default="cbbt.db", description="SQLite file path (one server) or postgresql:// URL (replicas)"
+    )
     auth: bool = Field(default=True, description="require API keys on /v1 (off only for local experiments)")
     admin_token: SecretStr | None = None
     idempotency_ttl_s: float = 24 * 3600.0
+    # Owner lease: a server that stops renewing it for this long is dead, and any replica then
+    # refunds the requests it left unanswered. Renewed every lease_renew_s (default: TTL / 3).
+    lease_ttl_s: float = Field(default=30.0, gt=0)
+    lease_renew_s: float | None = Field(default=None, gt=0)
 
     # Request limits.
     max_items_per_request: int = 4096
@@ -55,3 +63,21 @@ class ServerSettings(BaseSettings):
 
     cors_origins: list[str] = Field(default_factory=list)
     log_level: str = "info"
+
+    # Replicas (Ray Serve, or plain servers on one PostgreSQL database).
+    replica: str | None = Field(default=None, description="label on every /metrics series and in /ready")
+    ray_max_ongoing_requests: int = Field(default=64, ge=1, description="requests one replica runs at once")
+    ray_max_queued_requests: int = Field(
+        default=256, ge=-1, description="requests Serve queues before answering 503 (-1: no bound)"
+    )
+    ray_node_ip: str = Field(default="127.0.0.1", description="address a local Ray cluster binds")
+
+    @field_validator("db", mode="before")
+    @classmethod
+    def _path_to_text(cls, value: Any) -> Any:
+        """Paths are accepted as they are; kept as text so that a URL's '//' survives."""
+        return os.fspath(value) if isinstance(value, os.PathLike) else value
+
+    @property
+    def lease_interval_s(self) -> float:
+        return self.lease_renew_s if self.lease_renew_s is not None else self.lease_ttl_s / 3

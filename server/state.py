@@ -14,7 +14,7 @@ from server.backends.base import Backend, PromptItem
 from server.batching import DynamicBatcher
 from server.errors import ApiError
 from server.metrics import Metrics
-from server.ratelimit import RateLimiter
+from server.ratelimit import Limiter
 from server.settings import ServerSettings
 from server.store.base import Store
 from shared.errors import ErrorCode
@@ -34,7 +34,7 @@ class Batchers:
 class ServiceState:
     settings: ServerSettings
     metrics: Metrics
-    limiter: RateLimiter
+    limiter: Limiter
     store: Store | None = None
     backend: Backend | None = None
     batchers: Batchers | None = None

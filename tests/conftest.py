@@ -83,3 +83,22 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
                 seen.add(id(value))
                 report.sections.append((f"server log ({value.url})", value.log_tail(60)))
     return report
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[Any]:
+    """A throwaway PostgreSQL cluster on a free loopback port for the whole session.
+
+    Fails (never skips) when the binaries are missing: CI installs Debian's postgresql.
+    """
+    from tests.pg import PostgresCluster, PostgresMissing
+
+    try:
+        cluster = PostgresCluster()
+    except PostgresMissing as exc:
+        pytest.fail(str(exc), pytrace=False)
+    cluster.start()
+    try:
+        yield cluster
+    finally:
+        cluster.stop()

@@ -26,6 +26,16 @@ __all__ = ["LARGE_BUDGET", "REPO_ROOT", "TINY_MODEL", "ServerProcess", "ServerSt
 TINY_MODEL = "cbbt-tiny"
 
 
+class FakeClock:
+    """A wall clock that only moves when a test moves it (store leases, idempotency expiry)."""
+
+    def __init__(self, now: float = 1_000_000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
 class ServerProcess(server_process.ServerProcess):
     """The one `ServerProcess`, defaulting to the tiny random-init model (loads in ~2 s)."""
 

@@ -13,9 +13,9 @@ server says about itself):
   trouble ends; a crash just after a charge was settled: its retry is replayed, not charged again;
 - a slow and flaky API (latency, 500/503s and cut connections): the run completes, its count
   equals the ledger, and its artifact equals the undisturbed one;
-- and three fixed bugs: a request larger than the queue limit on an idle server is served (not
-  refused as overloaded for ever), a restarted random-init server serves the same model, a
-  `file:` database URI keeps its lock next to the file.
+- and two fixed bugs: a request larger than the queue limit on an idle server is served (not
+  refused as overloaded for ever), a restarted random-init server serves the same model.
+  (One server per database is checked in test_owners, inside the database itself.)
 
 Related cases already covered elsewhere (not repeated here): a locked and a read-only database
 (test_budget), a crash with a request in flight refunded at restart (test_budget), faults not
@@ -53,7 +53,6 @@ from server.backends.base import Backend
 from server.backends.registry import create_backend
 from server.settings import ServerSettings
 from server.store import SqliteStore, StoreUnavailable
-from server.store.lock import DatabaseInUse, ServerLock
 from tests.helpers import REPO_ROOT, TINY_MODEL, ServerProcess, assert_error
 
 pytestmark = pytest.mark.slow
@@ -499,17 +498,3 @@ def test_a_restarted_random_init_server_serves_the_same_model(tiny_backend: Back
         strict=True,
     ):
         assert torch.equal(ours, theirs), name
-
-
-def test_a_read_only_database_uri_locks_next_to_the_file(tmp_path: Path) -> None:
-    """`--db file:/x/cbbt.db?mode=ro` used to create its lock as ./file:/x/cbbt.db?mode=ro.lock,
-    a folder tree named "file:" in whatever directory the server was started from."""
-    db = tmp_path / "cbbt.db"
-    lock = ServerLock(f"file:{db}?mode=ro")
-    lock.acquire()
-    try:
-        assert lock.path == tmp_path / "cbbt.db.lock" and lock.path.exists()
-        with pytest.raises(DatabaseInUse):
-            ServerLock(db).acquire()  # the same database, named the plain way: the same lock
-    finally:
-        lock.release()

@@ -76,7 +76,7 @@ def test_keys_and_admin_token_are_compared_in_constant_time(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     import server.routes.admin as admin_module
-    import server.store.sqlite as sqlite_module
+    import server.store.sql as sqlite_module
 
     compared: list[tuple[Any, Any]] = []
     real = hmac.compare_digest

@@ -24,16 +24,9 @@ from server.store import (
     Store,
     StoreUnavailable,
 )
+from tests.helpers import FakeClock
 
 ENDPOINT = "/v1/embeddings"
-
-
-class FakeClock:
-    def __init__(self, now: float = 1_000_000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
 
 
 @pytest.fixture
@@ -389,23 +382,9 @@ def test_recover_unsettled_refunds_unanswered_requests_after_a_crash(store: Sqli
     store.reserve(key.id, 7, "in-flight", "embeddings")
     assert store.begin_idempotent(key.id, "idem", "hash", 60.0) is None  # in progress
 
-    assert store.recover_unsettled() == (1, 7)
+    recovered = store.recover_unsettled()
+    assert (recovered.requests, recovered.items) == (1, 7)
 
     assert store.get_key(key.id).spent_items == 10 == store.ledger_total(key.id)
     assert store.begin_idempotent(key.id, "idem", "hash", 60.0) is None  # a retry may run again
-    assert store.recover_unsettled() == (0, 0)  # idempotent
-
-
-def test_one_server_per_database(db_path: Path) -> None:
-    from server.store.lock import DatabaseInUse, ServerLock
-
-    first = ServerLock(db_path)
-    first.acquire()
-    try:
-        with pytest.raises(DatabaseInUse):
-            ServerLock(db_path).acquire()
-    finally:
-        first.release()
-    second = ServerLock(db_path)
-    second.acquire()  # free again once released
-    second.release()
+    assert store.recover_unsettled().requests == 0  # idempotent

@@ -26,7 +26,10 @@ async def ready(request: Request) -> Response | dict[str, str]:
         message = state.load_error or "model loading"
         return error_response(503, ErrorCode.model_not_ready, message, headers={"Retry-After": "2"})
     assert state.backend is not None
-    return {"status": "ready", "model": state.backend.card.id}
+    answer = {"status": "ready", "model": state.backend.card.id}
+    if state.settings.replica:  # which replica answered, behind a load balancer or Ray's proxy
+        answer["replica"] = state.settings.replica
+    return answer
 
 
 @router.get(

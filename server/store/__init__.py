@@ -1,4 +1,4 @@
-"""Durable storage of API keys, budgets, the usage ledger and idempotency records."""
+"""Durable storage of API keys, budgets, the usage ledger, idempotency records and owners."""
 
 from server.store.base import (
     DEFAULT_SCOPES,
@@ -14,9 +14,11 @@ from server.store.base import (
     ReservationNotFound,
     Store,
     StoreError,
+    StoreReadOnly,
     StoreUnavailable,
     validate_key_name,
 )
+from server.store.owners import DatabaseInUse, Recovery
 from server.store.sqlite import SqliteStore
 
 __all__ = [
@@ -24,16 +26,19 @@ __all__ = [
     "KEY_NAME_PATTERN",
     "MAX_COUNT",
     "ApiKey",
+    "DatabaseInUse",
     "DuplicateKeyName",
     "IdempotencyRecord",
     "KeyNotFound",
     "LedgerRow",
     "QuotaExceeded",
+    "Recovery",
     "Reservation",
     "ReservationNotFound",
     "SqliteStore",
     "Store",
     "StoreError",
+    "StoreReadOnly",
     "StoreUnavailable",
     "validate_key_name",
 ]

@@ -1,14 +1,18 @@
-"""The store interface: API keys, budgets, the usage ledger and idempotency records.
+"""The store interface: API keys, budgets, the usage ledger, idempotency records and owners.
 
-SQLite implements it today (server.store.sqlite); the Protocol is what a networked store
-(Postgres, Redis, ...) would implement later, so nothing above this layer names SQLite.
+SQLite (server.store.sqlite, one server per file) and PostgreSQL (server.store.postgres, any
+number of replicas) implement it; nothing above this layer names either (server.store.factory
+opens the right one from `--db`).
 """
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+
+if TYPE_CHECKING:
+    from server.store.owners import Recovery
 
 DEFAULT_SCOPES: frozenset[str] = frozenset({"embed", "classify"})
 KEY_PREFIX = "cbbt-"
@@ -32,6 +36,10 @@ class StoreUnavailable(StoreError):
 
     Nothing was charged: the server answers 503 and the client may retry.
     """
+
+
+class StoreReadOnly(StoreUnavailable):
+    """The database only allows reads (a read-only file or URI, a standby): nothing can be charged."""
 
 
 class QuotaExceeded(StoreError):
@@ -244,6 +252,25 @@ class Store(Protocol):
 
     def abandon_idempotent(self, key_id: int, idem_key: str) -> None:
         """Drop an in-progress record (server-side failure) so that a retry can run."""
+        ...
+
+    # -- owners (crash recovery that never touches a live server's requests) --------------
+
+    def claim_owner(self, ttl_s: float, *, exclusive: bool | None = None) -> Recovery:
+        """Recover dead owners' reservations and register this process with a lease, in one
+        transaction. Raises DatabaseInUse when `exclusive` and another live owner exists."""
+        ...
+
+    def renew_owner(self, ttl_s: float) -> bool:
+        """Extend this process's lease (False: it had been lost and was re-registered)."""
+        ...
+
+    def recover_expired(self) -> Recovery:
+        """Refund the unanswered reservations of dead owners only, in one transaction."""
+        ...
+
+    def release_owner(self) -> Recovery:
+        """Clean shutdown: drop this process's owner row and refund what it left unanswered."""
         ...
 
     def close(self) -> None: ...
