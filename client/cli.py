@@ -73,6 +73,14 @@ def _add_connection(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--server", default=None, help="server URL, with or without /v1 (CBBT_SERVER)")
     parser.add_argument("--api-key", default=None, help="API key (CBBT_API_KEY)")
     parser.add_argument("--cache-dir", type=Path, default=None, help="feature cache folder (CBBT_CACHE_DIR)")
+    parser.add_argument(
+        "--api",
+        choices=["auto", "cbbt", "openai"],
+        default=None,
+        help="cbbt: a cbbt server; openai: any OpenAI-compatible /v1/embeddings (the embeddings tier); "
+        "auto (default): cbbt when /v1/models has cbbt model cards (CBBT_API)",
+    )
+    parser.add_argument("--model", default=None, help="model id on an OpenAI-compatible API (CBBT_MODEL)")
 
 
 def _add_data(parser: argparse.ArgumentParser) -> None:
@@ -185,6 +193,8 @@ def _data(args: argparse.Namespace) -> DataSpec:
 def _settings(args: argparse.Namespace) -> ClientSettings:
     return ClientSettings().with_overrides(
         server=getattr(args, "server", None),
+        api=getattr(args, "api", None),
+        model=getattr(args, "model", None),
         api_key=getattr(args, "api_key", None),
         cache_dir=getattr(args, "cache_dir", None),
     )

@@ -26,6 +26,7 @@ from client.features import FeatureCache, FeatureStore
 from client.grid import BenchConfig, Service, needs_server, run_bench
 from client.methods import DEFAULT_METHOD, method, parse_define, register_method
 from client.model import accuracy_and_loss, logits_of
+from client.openai_api import OpenAIEmbeddingsClient, detect_api
 from client.progress import Progress
 from client.report import RunReport
 from client.run_folder import FEATURES_DB, RunFolder
@@ -91,7 +92,13 @@ class BenchArgs:
 
 
 def make_client(settings: ClientSettings, counter: QueryCounter | None = None) -> CbbtClient:
+    """A client of the API tier at the URL: cbbt's own, or an OpenAI-compatible embeddings API."""
     retry = RetryPolicy(max_total_s=settings.retry_total_s)
+    kind = settings.api if settings.api != "auto" else detect_api(settings.server, settings.api_key)
+    if kind == "openai":
+        return OpenAIEmbeddingsClient(
+            settings.server, settings.api_key, model=settings.model, counter=counter, retry=retry
+        )
     return CbbtClient(settings.server, settings.api_key, counter=counter, retry=retry)
 
 

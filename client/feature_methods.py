@@ -34,16 +34,24 @@ through the API, counted; the test split scored once; the same `RunReport` as th
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 
 import torch
 import torch.nn.functional as F
 
-from client.adapters import AlphaBetaSearch, LinearProbe, TipAdapter, clip_logits, search_alpha_beta
+from client.adapters import (
+    AlphaBetaSearch,
+    LinearProbe,
+    ResidualAdapter,
+    TipAdapter,
+    clip_logits,
+    search_alpha_beta,
+)
 from client.errors import BudgetTooSmall, RequestError
 from client.model import score
 from client.report import RunReport, finish_report
@@ -55,6 +63,23 @@ logger = logging.getLogger(__name__)
 __all__ = ["DEFAULT_TEMPLATE", "FITS", "FeatureConfig", "FeatureData", "Fit", "FitFn", "run_feature_method"]
 
 DEFAULT_TEMPLATE = "a photo of a {}."
+# Generic wordings (from CLIP's prompt-ensembling templates): nothing data-set specific.
+SEARCH_TEMPLATES: tuple[str, ...] = (
+    "a photo of a {}.",
+    "a {}.",
+    "a picture of a {}.",
+    "an image of a {}.",
+    "a close-up photo of a {}.",
+    "a black and white photo of a {}.",
+    "a drawing of a {}.",
+    "a sketch of a {}.",
+    "a low resolution photo of a {}.",
+    "a cropped photo of a {}.",
+    "a good photo of a {}.",
+    "a photo of the {}.",
+)
+# Methods that embed every template of `search_templates` (K x C texts, paid and counted).
+NEEDS_TEMPLATES = frozenset({"prompt-search", "prompt-search-tip-f"})
 
 
 @dataclass(frozen=True)
@@ -84,6 +109,15 @@ class FeatureConfig:
     tip_epochs: int = 20
     tip_lr: float = 1e-3
     tip_batch_size: int = 256
+    # Discrete prompt search (embeddings tier): the pool of generic templates, the greedy
+    # ensemble-selection rounds (with replacement, so a template picked twice weighs double).
+    search_templates: tuple[str, ...] = SEARCH_TEMPLATES
+    search_rounds: int = 24
+    # Residual adapter on image features (CLIP-Adapter), trained locally on the template's texts.
+    adapter_ratio: float = 0.2
+    adapter_steps: int = 300
+    adapter_lr: float = 1e-3
+    adapter_eval_every: int = 10
     extra: dict[str, object] = field(default_factory=dict)  # free-form notes kept in the report
 
 
@@ -92,7 +126,8 @@ class FeatureData(SplitFeatures):
     """The split's features plus the template's class text features [C, D] and the logit scale."""
 
     text: torch.Tensor
-    scale: float
+    scale: float  # the model's logit scale
+    template_texts: torch.Tensor | None = None  # [K, C, D]: every searched template's class texts
 
     @property
     def classes(self) -> int:
@@ -268,11 +303,114 @@ def fit_tip_adapter_f(cfg: FeatureConfig, data: FeatureData) -> Fit:
     )
 
 
+# ---------------------------------------------------------------------------------------------
+# Methods for an embeddings-only API: text templates instead of soft prompts.
+# ---------------------------------------------------------------------------------------------
+
+
+def _zero_shot(text: torch.Tensor, scale: float) -> Classifier:
+    return lambda feats: clip_logits(feats, text, scale)
+
+
+@torch.no_grad()
+def fit_zero_shot_text(cfg: FeatureConfig, data: FeatureData) -> Fit:
+    """Zero-shot from the text template (the logit scale fitted on the shots when unknown)."""
+    classify = _zero_shot(data.text, data.scale)
+    acc, loss = score(classify(data.val), data.val_labels)
+    return Fit(classify, acc, loss, {"template": cfg.template})
+
+
+@torch.no_grad()
+def search_templates(cfg: FeatureConfig, data: FeatureData) -> tuple[torch.Tensor, dict[str, object]]:
+    """Discrete prompt search: greedy ensemble selection with replacement on the training
+    shots' loss (each round adds the template whose inclusion lowers it most; the counts are
+    the weights), the number of rounds kept chosen on validation. Returns the [C, D] text."""
+    if data.template_texts is None:
+        raise RequestError(f"{cfg.method} needs the searched templates' texts")
+    pool = F.normalize(data.template_texts, dim=-1)  # [K, C, D]
+    x, y = data.flat_train
+    counts = torch.zeros(pool.shape[0])
+
+    def ensemble(weights: torch.Tensor) -> torch.Tensor:
+        return F.normalize(torch.einsum("k,kcd->cd", weights, pool), dim=-1)
+
+    best_text, best_score, best_counts = (
+        data.text,
+        score(clip_logits(data.val, data.text, data.scale), data.val_labels),
+        counts.clone(),
+    )
+    for _ in range(cfg.search_rounds):
+        losses = []
+        for k in range(pool.shape[0]):
+            trial = counts.clone()
+            trial[k] += 1
+            losses.append(float(F.cross_entropy(clip_logits(x, ensemble(trial), data.scale), y)))
+        counts[int(torch.tensor(losses).argmin())] += 1
+        text = ensemble(counts)
+        candidate = score(clip_logits(data.val, text, data.scale), data.val_labels)
+        if better(candidate, best_score):
+            best_text, best_score, best_counts = text, candidate, counts.clone()
+    weights = {cfg.search_templates[k]: int(c) for k, c in enumerate(best_counts.tolist()) if c > 0}
+    return best_text, {"template_weights": weights or {cfg.template: 1}}
+
+
+def fit_prompt_search(cfg: FeatureConfig, data: FeatureData) -> Fit:
+    text, selected = search_templates(cfg, data)
+    classify = _zero_shot(text, data.scale)
+    with torch.no_grad():
+        acc, loss = score(classify(data.val), data.val_labels)
+    return Fit(classify, acc, loss, selected)
+
+
+def fit_prompt_search_tip_f(cfg: FeatureConfig, data: FeatureData) -> Fit:
+    """The searched template ensemble as Tip-Adapter-F's zero-shot classifier."""
+    text, selected = search_templates(cfg, data)
+    fit = fit_tip_adapter_f(cfg, replace(data, text=text))
+    return Fit(fit.classifier, fit.val_accuracy, fit.val_loss, {**selected, **fit.selected})
+
+
+def fit_residual_adapter(cfg: FeatureConfig, data: FeatureData) -> Fit:
+    """CLIP-Adapter's residual MLP on the image features, against the template's class texts,
+    by exact local gradients (full batch of every cached view); the step chosen on validation."""
+    torch.manual_seed(cfg.seed)
+    x, y = data.flat_train
+    adapter = ResidualAdapter(x.shape[1], ratio=cfg.adapter_ratio)
+    opt = torch.optim.AdamW(adapter.parameters(), lr=cfg.adapter_lr)
+
+    def logits(feats: torch.Tensor) -> torch.Tensor:
+        return clip_logits(adapter(feats), data.text, data.scale)
+
+    with torch.no_grad():
+        best_score = score(logits(data.val), data.val_labels)
+    best_state, best_step = copy.deepcopy(adapter.state_dict()), 0
+    for step in range(1, cfg.adapter_steps + 1):
+        opt.zero_grad()
+        F.cross_entropy(logits(x), y).backward()
+        opt.step()
+        if step % cfg.adapter_eval_every == 0:
+            with torch.no_grad():
+                candidate = score(logits(data.val), data.val_labels)
+            if better(candidate, best_score):
+                best_score, best_state, best_step = candidate, copy.deepcopy(adapter.state_dict()), step
+    adapter.load_state_dict(best_state)
+    adapter.eval()
+
+    def classify(feats: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return logits(feats)
+
+    return Fit(classify, best_score[0], best_score[1], {"step": best_step, "ratio": cfg.adapter_ratio})
+
+
 FITS: dict[str, FitFn] = {
     "linear-probe": fit_linear_probe,
     "lfa": fit_lfa,
     "tip-adapter": fit_tip_adapter,
     "tip-adapter-f": fit_tip_adapter_f,
+    "zero-shot-text": fit_zero_shot_text,
+    "residual-adapter": fit_residual_adapter,
+    "prompt-search": fit_prompt_search,
+    "prompt-search-tip-f": fit_prompt_search_tip_f,
 }
 
 
@@ -280,6 +418,19 @@ FITS: dict[str, FitFn] = {
 # The run: setup (features and text through the API, counted) -> fit (selects on validation)
 # -> finish (test once, report).
 # ---------------------------------------------------------------------------------------------
+
+
+def fit_logit_scale(train: torch.Tensor, labels: torch.Tensor, text: torch.Tensor) -> float:
+    """The temperature of the zero-shot logits that maximises the training shots' likelihood
+    (train [N, V, D], every view a sample): a 1-D search on a log grid, no query."""
+    views = train.shape[1]
+    cos = F.normalize(train.reshape(-1, train.shape[-1]), dim=-1) @ F.normalize(text, dim=-1).T
+    targets = labels.repeat_interleave(views)
+    grid = torch.logspace(0.0, 2.5, 61)  # 1 .. ~316 (CLIP's learned scale is 100)
+    losses = torch.stack([F.cross_entropy(scale * cos, targets) for scale in grid])
+    scale = float(grid[int(losses.argmin())])
+    logger.info("logit scale fitted on the training shots: %.2f", scale)
+    return scale
 
 
 def run_feature_method(ctx: RunContext, cfg: FeatureConfig) -> RunReport:
@@ -294,7 +445,8 @@ def run_feature_method(ctx: RunContext, cfg: FeatureConfig) -> RunReport:
     # As the tuner does, the budget counts image features at full price, cached or not, so
     # the check does not depend on what other runs left in the cache.
     full_price = ctx.feature_items(cfg.views)
-    fixed = full_price + len(classes)
+    searched = list(cfg.search_templates) if cfg.method in NEEDS_TEMPLATES else []
+    fixed = full_price + len(classes) * (1 + len(searched))
     if cfg.budget is not None and fixed > cfg.budget:
         raise BudgetTooSmall(
             f"a budget of {cfg.budget} items cannot pay for the image features and the class texts "
@@ -309,8 +461,21 @@ def run_feature_method(ctx: RunContext, cfg: FeatureConfig) -> RunReport:
     texts = [cfg.template.format(name) for name in classes]
     text = torch.from_numpy(api.embed_texts(texts))
     counter.loss_evaluations += 1  # one "prompt evaluation": the template for all C classes
+    template_texts = None
+    if searched:  # discrete prompt search: every template for every class, in text queries
+        flat = [template.format(name) for template in searched for name in classes]
+        template_texts = torch.from_numpy(api.embed_texts(flat)).reshape(len(searched), len(classes), -1)
+        counter.loss_evaluations += len(searched)
+    # An embeddings-tier API publishes no logit scale (0 on its card): fit it on the shots.
     scale = card.logit_scale
-    data = FeatureData(**{f.name: getattr(images, f.name) for f in fields(images)}, text=text, scale=scale)
+    if scale <= 0:
+        scale = fit_logit_scale(images.train, images.train_labels, text)
+    data = FeatureData(
+        **{f.name: getattr(images, f.name) for f in fields(images)},
+        text=text,
+        scale=scale,
+        template_texts=template_texts,
+    )
 
     zero_val, _ = score(clip_logits(data.val, text, scale), data.val_labels)
     zero_test, _ = score(clip_logits(data.test, text, scale), data.test_labels)

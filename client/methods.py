@@ -43,6 +43,7 @@ __all__ = [
 Kind = Literal["tune", "feature", "whitebox"]
 
 _NEEDS_FEATURES = "image features + C template texts (plain text in, features out)"
+_NEEDS_TEMPLATES = "image features + K x C template texts (plain text in, features out)"
 _NEEDS_PROMPTS = "image features + text features of soft prompts (embeddings in, features out)"
 _NEEDS_ONE_PROMPT = "image features + one soft prompt's class features"
 _NEEDS_WEIGHTS = "model weights and gradients (in-process; NOT black-box)"
@@ -80,6 +81,15 @@ METHODS: dict[str, MethodSpec] = _specs(
                "training-free cache model, alpha/beta on val"),
     MethodSpec("tip-adapter-f", "feature", {"method": "tip-adapter-f"}, _NEEDS_FEATURES,
                "cache keys fine-tuned locally, epoch and alpha/beta on val"),
+    # The embeddings tier's own (text templates, never a soft prompt): any OpenAI-style API.
+    MethodSpec("zero-shot-text", "feature", {"method": "zero-shot-text"}, _NEEDS_FEATURES,
+               "zero-shot from the text template 'a photo of a {class}.'"),
+    MethodSpec("residual-adapter", "feature", {"method": "residual-adapter"}, _NEEDS_FEATURES,
+               "CLIP-Adapter residual MLP on image features against the template's texts"),
+    MethodSpec("prompt-search", "feature", {"method": "prompt-search"}, _NEEDS_TEMPLATES,
+               "discrete prompt search: a weighted ensemble of generic templates chosen on the shots"),
+    MethodSpec("prompt-search-tip-f", "feature", {"method": "prompt-search-tip-f"}, _NEEDS_TEMPLATES,
+               "Tip-Adapter-F on the searched template ensemble"),
     MethodSpec("adapter", "tune", {"method": "adapter"}, _NEEDS_ONE_PROMPT,
                "CLIP-Adapter residual MLP alone on the 'a {class}.' text features"),
     # The estimator benchmark's winners (docs/benchmarks.md, "Estimator"): for the prompt alone

@@ -25,7 +25,8 @@ from client.data import FewShotSplit
 from client.errors import CbbtError, RequestError
 from client.feature_methods import run_feature_method
 from client.features import FeatureStore
-from client.methods import MethodSpec, feature_config_for, tune_config_for, whitebox_settings
+from client.methods import METHODS, MethodSpec, feature_config_for, tune_config_for, whitebox_settings
+from client.openai_api import OpenAIEmbeddingsClient, TierNotAllowed
 from client.progress import NO_PROGRESS, Progress
 from client.report import RunReport
 from client.run_context import RunContext
@@ -97,6 +98,11 @@ def run_method(
         return run_whitebox(run, local_model)
     if api is None or features is None:
         raise RequestError(f"{spec.name} needs a server")
+    if isinstance(api, OpenAIEmbeddingsClient) and spec.kind != "feature":
+        raise TierNotAllowed(
+            f"{spec.name} needs soft prompts: cbbt's full tier; this API is the embeddings tier "
+            f"(methods that run on it: {', '.join(n for n, m in METHODS.items() if m.kind == 'feature')})"
+        )
     ctx = RunContext(api, features, run.split, run.folder, spec.name, progress, on_plan)
     if spec.kind == "feature":
         return run_feature_method(ctx, feature_config_for(spec, run.run_settings))

@@ -8,6 +8,7 @@ OpenAI-style API). Flags on the command line win over both.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import AliasChoices, Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -34,6 +35,10 @@ class ClientSettings(BaseSettings):
     # Retrying what is worth retrying (429 with Retry-After, 503, timeouts, resets) stops after
     # this many seconds for one call; then the run fails with "try again later".
     retry_total_s: float = Field(600.0, gt=0, validation_alias=AliasChoices("CBBT_RETRY_TOTAL_S"))
+    # Which kind of API the URL is: cbbt's own (every tier), an OpenAI-compatible embeddings
+    # API (the embeddings tier), or `auto`: cbbt when /v1/models carries cbbt model cards.
+    api: Literal["auto", "cbbt", "openai"] = Field("auto", validation_alias=AliasChoices("CBBT_API"))
+    model: str | None = Field(None, validation_alias=AliasChoices("CBBT_MODEL"))  # embeddings tier
 
     @field_validator("server")
     @classmethod

@@ -10,6 +10,7 @@ from contextlib import asynccontextmanager
 import torch
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
+from fastapi_offline import FastAPIOffline
 
 from server.backends.base import Backend
 from server.backends.registry import create_backend
@@ -18,6 +19,7 @@ from server.guard import RequestGuardMiddleware
 from server.lease import LeaseKeeper
 from server.metrics import Metrics
 from server.middleware import FaultInjectionMiddleware, MetricsMiddleware
+from server.openapi import install_openapi
 from server.ratelimit import BucketStore, Limiter, RateLimiter, SharedRateLimiter
 from server.routes import classify, embeddings, health, models, prompts, usage
 from server.settings import ServerSettings
@@ -87,7 +89,8 @@ def create_app(
             if state.store is not None and store is None:
                 await asyncio.to_thread(_leave, state.store, keeper)
 
-    app = FastAPI(
+    # FastAPIOffline serves /docs and /redoc from files in its wheel, not a CDN.
+    app = FastAPIOffline(
         title="cbbt model server",
         summary="A vision-language model behind a query-limited API, for black-box tuning",
         version="0.1.0",
@@ -95,6 +98,7 @@ def create_app(
     )
     app.state.cbbt = state
     install_error_handlers(app)
+    install_openapi(app)
     for module in (health, models, embeddings, prompts, classify, usage):
         app.include_router(module.router)
     if settings.admin_token is not None and settings.admin_token.get_secret_value():

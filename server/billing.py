@@ -18,9 +18,10 @@ import logging
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, Generic, TypeVar
+from typing import Annotated, Any, Generic, TypeVar
 
-from fastapi import Request, Response
+from fastapi import Depends, Request, Response
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 
@@ -30,6 +31,7 @@ from server.guard import KEY_SCOPE_KEY
 from server.ratelimit import RateDecision, rate_limit_headers, retry_after_headers
 from server.state import ServiceState, get_state
 from server.store.base import ApiKey, KeyNotFound, QuotaExceeded, Reservation, Store, StoreUnavailable
+from server.tiers import granted_scopes, tier_of, tiers_allowing
 from shared.errors import ErrorCode
 
 logger = logging.getLogger(__name__)
@@ -67,17 +69,24 @@ async def _store_call(state: ServiceState, fn: Callable[..., T], *args: object) 
         ) from exc
 
 
-async def require_caller(request: Request) -> Caller:
+# Declares the HTTP bearer scheme in the OpenAPI document (the "Authorize" button of /docs);
+# auto_error=False so that a missing key is answered in the error envelope below.
+_bearer = HTTPBearer(auto_error=False, description="an API key made by `cbbt-server keys create`")
+
+
+async def require_caller(
+    request: Request, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
+) -> Caller:
     """FastAPI dependency: a valid `Authorization: Bearer <key>` (unless auth is off)."""
     state = get_state(request)
     if not state.settings.auth:
         return Caller(key=None)
     if KEY_SCOPE_KEY in request.scope:  # authenticated by the guard, before the body was read
         return Caller(key=request.scope[KEY_SCOPE_KEY])
-    scheme, _, token = request.headers.get("authorization", "").partition(" ")
-    if scheme.lower() != "bearer" or not token.strip():
+    token = credentials.credentials.strip() if credentials is not None else ""
+    if not token:
         raise ApiError(401, ErrorCode.invalid_api_key, "missing API key: send 'Authorization: Bearer <key>'")
-    key = await _store_call(state, _store(state).authenticate, token.strip())
+    key = await _store_call(state, _store(state).authenticate, token)
     if key is None:
         raise ApiError(401, ErrorCode.invalid_api_key, "invalid or revoked API key")
     return Caller(key=key)
@@ -124,8 +133,7 @@ async def billed(request: Request, caller: Caller, charge: Charge[Any]) -> Respo
     if key is None:  # auth off: no accounting at all
         prepared = await run_in_threadpool(charge.prepare)
         return _json_response(await _produce(state, charge, prepared), base_headers)
-    if charge.scope not in key.scopes:
-        raise ApiError(403, ErrorCode.permission_denied, f"this key lacks the {charge.scope!r} scope")
+    check_tier(caller, charge.endpoint, charge.scope)
     # Before the replay: a stored answer is free of budget but still a request (as payment APIs
     # count them), or one answer could be replayed without limit.
     decision = await _rate_check(state, key, charge.items)
@@ -275,6 +283,24 @@ async def _produce(state: ServiceState, charge: Charge[P], prepared: P) -> BaseM
             f"server overloaded: {exc}; retry shortly",
             headers={"Retry-After": "1"},
         ) from exc
+
+
+def check_tier(caller: Caller, endpoint: str, scope: str) -> None:
+    """403 unless the key's tier (or scopes) include the route. Routes call it first, so a call
+    outside the key's tier costs no decoding; `billed` checks again."""
+    key = caller.key
+    if key is None or scope in granted_scopes(key.scopes):
+        return
+    allowed = " or ".join(t.value for t in tiers_allowing(scope)) or "no"
+    tier = tier_of(key.scopes)
+    if tier is None:  # a custom scope set, not one of the simulated API tiers
+        raise ApiError(403, ErrorCode.permission_denied, f"this key lacks the {scope!r} scope")
+    raise ApiError(
+        403,
+        ErrorCode.tier_not_allowed,
+        f"this key is on the {tier.value} tier; /v1/{endpoint} needs the {allowed} tier",
+        headers={"x-should-retry": "false"},
+    )
 
 
 async def _rate_check(state: ServiceState, key: ApiKey, items: int) -> RateDecision:

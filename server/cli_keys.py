@@ -13,8 +13,9 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from server.store import DEFAULT_SCOPES, Store, StoreError, StoreUnavailable
+from server.store import DEFAULT_SCOPES, ApiKey, Store, StoreError, StoreUnavailable
 from server.store.factory import describe, open_store
+from server.tiers import Tier, scopes_for_tier, tier_of
 
 DB_ENV = "CBBT_DB"
 DEFAULT_DB = "cbbt.db"
@@ -53,9 +54,15 @@ def _add_create(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     p.add_argument("--budget-requests", type=_non_negative_int, default=None, metavar="N")
     p.add_argument("--rpm", type=_non_negative_int, default=None, metavar="N", help="requests per minute")
     p.add_argument("--ipm", type=_non_negative_int, default=None, metavar="N", help="items per minute")
-    p.add_argument(
-        "--scopes", nargs="+", default=sorted(DEFAULT_SCOPES), metavar="SCOPE", help="default: embed classify"
+    access = p.add_mutually_exclusive_group()
+    access.add_argument(
+        "--tier",
+        choices=[t.value for t in Tier],
+        default=None,
+        help="the kind of API this key simulates: embeddings (/v1/embeddings only), predictions "
+        "(/v1/classify only), full (every route, soft prompts included; the default)",
     )
+    access.add_argument("--scopes", nargs="+", default=None, metavar="SCOPE", help="a custom scope set")
 
 
 def _add_named(sub: argparse._SubParsersAction[argparse.ArgumentParser], name: str, help_text: str) -> None:
@@ -91,42 +98,55 @@ def _note(message: str) -> None:
     sys.stderr.write(message + "\n")
 
 
+def _scopes(args: argparse.Namespace) -> frozenset[str]:
+    if args.tier is not None:
+        return scopes_for_tier(args.tier)
+    return frozenset(args.scopes) if args.scopes is not None else DEFAULT_SCOPES
+
+
 def _create(store: Store, args: argparse.Namespace) -> None:
     plaintext, key = store.create_key(
         args.name,
-        args.scopes,
+        _scopes(args),
         args.budget_items,
         budget_requests=args.budget_requests,
         rpm=args.rpm,
         ipm=args.ipm,
     )
+    tier = tier_of(key.scopes)
     where = describe(args.db or default_db_path())
     _note(
-        f"created key {key.name!r} (id {key.id}, prefix {key.prefix}) in {where}; "
+        f"created key {key.name!r} (id {key.id}, prefix {key.prefix}, "
+        f"tier {tier.value if tier else 'custom: ' + ' '.join(sorted(key.scopes))}) in {where}; "
         "store it now, it is not shown again"
     )
     sys.stdout.write(plaintext + "\n")
 
 
+def _record(key: ApiKey) -> dict[str, Any]:
+    tier = tier_of(key.scopes)
+    return {**key.public_dict(), "tier": None if tier is None else tier.value}
+
+
 def _list(store: Store, _: argparse.Namespace) -> None:
-    _emit_json([key.public_dict() for key in store.list_keys()])
+    _emit_json([_record(key) for key in store.list_keys()])
 
 
 def _show(store: Store, args: argparse.Namespace) -> None:
     key, rows = store.usage(store.get_key(args.name).id, recent=RECENT_USAGE_ROWS)
-    _emit_json({**key.public_dict(), "recent": [row.public_dict() for row in rows]})
+    _emit_json({**_record(key), "recent": [row.public_dict() for row in rows]})
 
 
 def _revoke(store: Store, args: argparse.Namespace) -> None:
     key = store.revoke(args.name)
     _note(f"revoked key {key.name!r}")
-    _emit_json(key.public_dict())
+    _emit_json(_record(key))
 
 
 def _top_up(store: Store, args: argparse.Namespace) -> None:
     key = store.top_up(args.name, items=args.items, requests=args.requests)
     _note(f"topped up key {key.name!r}: {args.items} items, {args.requests} requests")
-    _emit_json(key.public_dict())
+    _emit_json(_record(key))
 
 
 _COMMANDS: dict[str, Callable[[Store, argparse.Namespace], None]] = {

@@ -57,18 +57,29 @@ _CODE_BY_STATUS: dict[int, ErrorCode] = {
 
 
 def _validation_param(exc: RequestValidationError) -> str | None:
-    errors = exc.errors()
-    if not errors:
+    """The field at fault: the common prefix of the errors' locations (a value that fits no
+    member of a union gets one error per member, each with the member's name appended)."""
+    locs = [[str(part) for part in err.get("loc", ()) if part != "body"] for err in exc.errors()]
+    if not locs:
         return None
-    loc = [str(part) for part in errors[0].get("loc", ()) if part != "body"]
-    return ".".join(loc) or None
+    common = locs[0]
+    for loc in locs[1:]:
+        size = next(
+            (i for i, (a, b) in enumerate(zip(common, loc, strict=False)) if a != b),
+            min(len(common), len(loc)),
+        )
+        common = common[:size]
+    return ".".join(common) or None
 
 
 def _validation_message(exc: RequestValidationError) -> str:
     parts = []
     for err in exc.errors()[:5]:
         loc = ".".join(str(p) for p in err.get("loc", ()) if p != "body")
-        parts.append(f"{loc or 'body'}: {err.get('msg', 'invalid')}")
+        if err.get("type") == "extra_forbidden":  # OpenAI's wording for an unknown field
+            parts.append(f"unrecognized request argument supplied: {loc}")
+        else:
+            parts.append(f"{loc or 'body'}: {err.get('msg', 'invalid')}")
     return "; ".join(parts) or "invalid request"
 
 
@@ -79,8 +90,9 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+        # 400, as OpenAI answers a malformed request (FastAPI's default is 422 in its own shape).
         return error_response(
-            422, ErrorCode.invalid_request, _validation_message(exc), param=_validation_param(exc)
+            400, ErrorCode.invalid_request, _validation_message(exc), param=_validation_param(exc)
         )
 
     @app.exception_handler(StarletteHTTPException)

@@ -27,6 +27,7 @@ class ErrorCode(StrEnum):
     method_not_allowed = "method_not_allowed"
     invalid_api_key = "invalid_api_key"
     permission_denied = "permission_denied"
+    tier_not_allowed = "tier_not_allowed"
     idempotency_conflict = "idempotency_conflict"
     rate_limit_exceeded = "rate_limit_exceeded"
     insufficient_quota = "insufficient_quota"

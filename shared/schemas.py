@@ -41,6 +41,7 @@ class ModelCard(_Body):
 
     id: str
     object: Literal["model"] = "model"
+    created: int = 0  # Unix time the served model was built (at server start-up)
     owned_by: str = "cbbt"
     backend: str
     feature_dim: int
@@ -70,13 +71,23 @@ class Usage(_Body):
     texts: int = 0
 
 
-class EmbeddingRequest(_Body):
-    """OpenAI-compatible; images are data URIs (or bare base64) with modality="image"."""
+class EmbeddingRequest(BaseModel):
+    """OpenAI-compatible; images are data URIs (or bare base64) with modality="image".
 
-    input: str | list[str]
+    Without `modality`, inputs that are all `data:image/...` URIs are images (so clients that
+    cannot add a field, such as proxies, can send images); anything else is text.
+    Unknown fields are refused (as OpenAI does), so a misspelt field cannot silently change
+    what is embedded. Token-id arrays are accepted by the schema only so that the server can
+    answer them with a precise message.
+    """
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    input: str | list[str] | list[int] | list[list[int]]
     model: str | None = None
     encoding_format: EncodingFormat = "float"
-    modality: Modality = "text"
+    modality: Modality | None = None
+    dimensions: int | None = None  # truncate to the first `dimensions` and re-normalise
     user: str | None = None
 
 
@@ -170,3 +181,4 @@ class UsageReport(_Body):
     spent_requests: int
     remaining_requests: int | None
     recent: list[LedgerEntry]
+    tier: str | None = None  # embeddings | predictions | full; None for a custom scope set

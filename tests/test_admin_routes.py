@@ -118,7 +118,7 @@ def test_errors(client: TestClient) -> None:
 
     for bad in ({"name": "x"}, {"name": "9x", "budget_items": 1}, {"name": "x", "budget_items": -1}):
         response = client.post("/admin/keys", headers=AUTH, json=bad)
-        assert response.status_code == 422
+        assert response.status_code == 400
         _assert_error(response.json(), "invalid_request")
 
     for method, path in (
@@ -131,7 +131,7 @@ def test_errors(client: TestClient) -> None:
         _assert_error(response.json(), "not_found")
 
     negative = client.post("/admin/keys/alice/top-up", headers=AUTH, json={"items": -1})
-    assert negative.status_code == 422
+    assert negative.status_code == 400
 
 
 def test_unavailable_store_is_503(tmp_path: Path) -> None:

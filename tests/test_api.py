@@ -596,14 +596,14 @@ def test_unknown_route_and_method(tiny_client: httpx.Client) -> None:
     ],
 )
 def test_wrong_types(tiny_client: httpx.Client, path: str, body: Json) -> None:
-    assert_error(tiny_client.post(path, json=body), 422, "invalid_request")
+    assert_error(tiny_client.post(path, json=body), 400, "invalid_request")
 
 
 def test_body_not_json(tiny_client: httpx.Client) -> None:
     response = tiny_client.post(
         "/v1/embeddings", content=b"{not json", headers={"content-type": "application/json"}
     )
-    assert_error(response, 422, "invalid_request")
+    assert_error(response, 400, "invalid_request")
 
 
 @pytest.mark.parametrize(

@@ -556,8 +556,8 @@ def test_scopes_limit_routes(server: ServerProcess) -> None:
         assert response.status_code == 200, response.text
         spent = _usage(client)["spent_items"]
         assert spent > 0
-    with server.client(embed_only.secret) as client:
-        assert_error(client.post("/v1/classify", json=classify_body), 403, "permission_denied")
+    with server.client(embed_only.secret) as client:  # {embed} is the embeddings tier
+        assert_error(client.post("/v1/classify", json=classify_body), 403, "tier_not_allowed")
         _ok(_embed(client, 2))
     _assert_books_balance(server.db, classify_only.name, spent)
     _assert_books_balance(server.db, embed_only.name, 2)

@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 
 from server.backends.base import Backend
@@ -27,6 +28,20 @@ def list_models(extra_config_dir: Path | None = None) -> list[str]:
 
 
 def create_backend(
+    name: str,
+    pretrained: str | None = None,
+    *,
+    device: str = "cpu",
+    extra_config_dir: Path | None = None,
+) -> Backend:
+    backend = _build_backend(name, pretrained, device=device, extra_config_dir=extra_config_dir)
+    # OpenAI's model objects carry `created`; here the model is built (the ridge map fitted,
+    # the checkpoint loaded) when the server starts, so that is its creation time.
+    backend.card = backend.card.model_copy(update={"created": int(time.time())})
+    return backend
+
+
+def _build_backend(
     name: str,
     pretrained: str | None = None,
     *,

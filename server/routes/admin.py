@@ -12,10 +12,11 @@ from collections.abc import Callable
 from typing import Annotated, Literal, TypeVar
 
 from fastapi import APIRouter, Depends, Header, Request
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from server.errors import ApiError
 from server.guard import ADMIN_SCOPE_KEY, GuardedRoute
+from server.openapi import AUTHENTICATED, NOT_FOUND, WITH_BODY, error_responses
 from server.store import (
     DEFAULT_SCOPES,
     KEY_NAME_PATTERN,
@@ -27,6 +28,7 @@ from server.store import (
     StoreError,
     StoreUnavailable,
 )
+from server.tiers import Tier, scopes_for_tier, tier_of
 from shared.errors import ErrorCode
 
 logger = logging.getLogger(__name__)
@@ -43,7 +45,20 @@ class CreateKeyBody(BaseModel):
     budget_requests: int | None = Field(default=None, ge=0, le=MAX_COUNT)
     rpm: int | None = Field(default=None, ge=0, le=MAX_COUNT)
     ipm: int | None = Field(default=None, ge=0, le=MAX_COUNT)
-    scopes: list[str] = Field(default_factory=lambda: sorted(DEFAULT_SCOPES), min_length=1)
+    # At most one of the two; neither gives the default scopes (the full tier).
+    tier: Tier | None = None
+    scopes: list[str] | None = Field(default=None, min_length=1)
+
+    @model_validator(mode="after")
+    def _one_way_to_grant(self) -> CreateKeyBody:
+        if self.tier is not None and self.scopes is not None:
+            raise ValueError("give `tier` or `scopes`, not both")
+        return self
+
+    def granted(self) -> frozenset[str]:
+        if self.tier is not None:
+            return scopes_for_tier(self.tier)
+        return frozenset(self.scopes) if self.scopes is not None else DEFAULT_SCOPES
 
 
 class TopUpBody(BaseModel):
@@ -61,6 +76,7 @@ class KeyRecord(BaseModel):
     name: str
     prefix: str
     scopes: list[str]
+    tier: Tier | None = None  # None: a custom scope set
     budget_items: int | None
     spent_items: int
     remaining_items: int | None
@@ -74,7 +90,7 @@ class KeyRecord(BaseModel):
 
     @classmethod
     def of(cls, key: ApiKey) -> KeyRecord:
-        return cls.model_validate(key.public_dict())
+        return cls.model_validate({**key.public_dict(), "tier": tier_of(key.scopes)})
 
 
 class CreatedKey(BaseModel):
@@ -140,6 +156,7 @@ def build_admin_router(get_store: Callable[[], Store], admin_token: str) -> APIR
         tags=["admin"],
         dependencies=[Depends(_admin_guard(admin_token))],
         route_class=GuardedRoute,
+        responses=error_responses(WITH_BODY, AUTHENTICATED, NOT_FOUND, (409,)),
     )
 
     @router.post("/keys", status_code=201)
@@ -147,7 +164,7 @@ def build_admin_router(get_store: Callable[[], Store], admin_token: str) -> APIR
         plaintext, key = _call(
             lambda: get_store().create_key(
                 body.name,
-                body.scopes,
+                body.granted(),
                 body.budget_items,
                 budget_requests=body.budget_requests,
                 rpm=body.rpm,

@@ -8,11 +8,13 @@ import torch
 from fastapi import APIRouter, Depends, Request, Response
 
 from server.backends.base import PromptItem, TokenIds
-from server.billing import Caller, Charge, billed, require_caller
+from server.billing import Caller, Charge, billed, check_tier, require_caller
 from server.errors import ApiError
 from server.guard import GuardedRoute
+from server.openapi import BILLED, WITH_ARRAYS, WITH_BODY, WITH_IMAGES, error_responses
 from server.routes.embeddings import decode_and_preprocess, image_limits
 from server.state import ready_state
+from server.tiers import SCOPE_CLASSIFY
 from server.validation import (
     check_finite_features,
     check_item_count,
@@ -29,10 +31,15 @@ from shared.schemas import ClassifyRequest, ClassifyResponse, Usage
 router = APIRouter(tags=["classify"], route_class=GuardedRoute)
 
 
-@router.post("/v1/classify", response_model=ClassifyResponse)
+@router.post(
+    "/v1/classify",
+    response_model=ClassifyResponse,
+    responses=error_responses(WITH_BODY, BILLED, WITH_IMAGES, WITH_ARRAYS),
+)
 async def classify(
     body: ClassifyRequest, request: Request, caller: Annotated[Caller, Depends(require_caller)]
 ) -> Response:
+    check_tier(caller, "classify", SCOPE_CLASSIFY)
     state, backend, batchers = ready_state(request)
     check_model(body.model, backend)
     settings = state.settings
@@ -92,4 +99,4 @@ async def classify(
             usage=usage,
         )
 
-    return await billed(request, caller, Charge("classify", "classify", n_items, body, prepare, produce))
+    return await billed(request, caller, Charge("classify", SCOPE_CLASSIFY, n_items, body, prepare, produce))

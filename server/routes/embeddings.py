@@ -8,16 +8,20 @@ import torch
 from fastapi import APIRouter, Depends, Request, Response
 
 from server.backends.base import Backend, TokenIds
-from server.billing import Caller, Charge, billed, require_caller
+from server.billing import Caller, Charge, billed, check_tier, require_caller
 from server.errors import ApiError
 from server.guard import GuardedRoute
 from server.images import ImageLimits, decode_image
+from server.openapi import BILLED, WITH_BODY, WITH_IMAGES, error_responses
 from server.settings import ServerSettings
 from server.state import ready_state
+from server.tiers import SCOPE_EMBED
 from server.validation import check_item_count, check_model, check_texts, tokenize_texts
 from shared.arrays import encode_array
 from shared.errors import ErrorCode
-from shared.schemas import EmbeddingData, EmbeddingRequest, EmbeddingResponse, Usage
+from shared.schemas import EmbeddingData, EmbeddingRequest, EmbeddingResponse, Modality, Usage
+
+IMAGE_DATA_URI_PREFIX = "data:image/"
 
 router = APIRouter(tags=["embeddings"], route_class=GuardedRoute)
 
@@ -46,25 +50,80 @@ def _rows(features: torch.Tensor, encoding_format: str) -> list[list[float] | st
     return [row.tolist() for row in features]
 
 
-@router.post("/v1/embeddings", response_model=EmbeddingResponse)
+_TOKEN_IDS_MESSAGE = (
+    "token-id arrays are not supported: this model's tokenizer is not OpenAI's, so the ids would "
+    "mean other words; send the texts as strings (LangChain's OpenAIEmbeddings does so with "
+    "check_embedding_ctx_length=False)"
+)
+
+
+def _string_inputs(value: str | list[str] | list[int] | list[list[int]]) -> list[str]:
+    inputs = [value] if isinstance(value, str) else list(value)
+    if not inputs:
+        raise ApiError(400, ErrorCode.invalid_request, "input is empty", param="input")
+    if not all(isinstance(item, str) for item in inputs):
+        raise ApiError(400, ErrorCode.invalid_request, _TOKEN_IDS_MESSAGE, param="input")
+    return [str(item) for item in inputs]
+
+
+def _modality(requested: Modality | None, inputs: list[str]) -> Modality:
+    """An explicit modality wins; otherwise all-data:image-URI inputs are images (see the schema)."""
+    if requested is not None:
+        return requested
+    is_image = [item.startswith(IMAGE_DATA_URI_PREFIX) for item in inputs]
+    if all(is_image):
+        return "image"
+    if any(is_image):
+        raise ApiError(
+            400,
+            ErrorCode.invalid_request,
+            "input mixes image data URIs and texts; send them in separate requests (or set `modality`)",
+            param="input",
+        )
+    return "text"
+
+
+def _check_dimensions(dimensions: int | None, feature_dim: int) -> int | None:
+    if dimensions is not None and not 1 <= dimensions <= feature_dim:
+        raise ApiError(
+            400,
+            ErrorCode.invalid_request,
+            f"invalid value for 'dimensions' = {dimensions}: must be between 1 and {feature_dim}",
+            param="dimensions",
+        )
+    return dimensions
+
+
+def _truncate(features: torch.Tensor, dimensions: int | None) -> torch.Tensor:
+    """OpenAI's `dimensions`: the first d components, re-normalised to unit length."""
+    if dimensions is None or dimensions == features.shape[-1]:
+        return features
+    return torch.nn.functional.normalize(features[:, :dimensions], dim=-1)
+
+
+@router.post(
+    "/v1/embeddings",
+    response_model=EmbeddingResponse,
+    responses=error_responses(WITH_BODY, BILLED, WITH_IMAGES),
+)
 async def create_embeddings(
     body: EmbeddingRequest, request: Request, caller: Annotated[Caller, Depends(require_caller)]
 ) -> Response:
+    check_tier(caller, "embeddings", SCOPE_EMBED)
     state, backend, batchers = ready_state(request)
     settings = state.settings
     check_model(body.model, backend)
-    inputs = [body.input] if isinstance(body.input, str) else list(body.input)
-    if not inputs:
-        raise ApiError(400, ErrorCode.invalid_request, "input is empty", param="input")
+    inputs = _string_inputs(body.input)
     check_item_count(len(inputs), settings, param="input")
+    dimensions = _check_dimensions(body.dimensions, backend.card.feature_dim)
     usage = Usage(items=len(inputs))
 
     def answer(features: torch.Tensor) -> EmbeddingResponse:
-        rows = _rows(features, body.encoding_format)
+        rows = _rows(_truncate(features, dimensions), body.encoding_format)
         data = [EmbeddingData(index=i, embedding=row) for i, row in enumerate(rows)]
         return EmbeddingResponse(data=data, model=backend.card.id, usage=usage)
 
-    if body.modality == "image":
+    if _modality(body.modality, inputs) == "image":
         usage.images = len(inputs)
 
         def prepare_images() -> list[torch.Tensor]:
@@ -73,7 +132,9 @@ async def create_embeddings(
         async def produce_images(pixels: list[torch.Tensor]) -> EmbeddingResponse:
             return answer(await batchers.images.submit(pixels))
 
-        charge: Charge[Any] = Charge("embeddings", "embed", len(inputs), body, prepare_images, produce_images)
+        charge: Charge[Any] = Charge(
+            "embeddings", SCOPE_EMBED, len(inputs), body, prepare_images, produce_images
+        )
     else:
         usage.texts = len(inputs)
 
@@ -87,5 +148,5 @@ async def create_embeddings(
         async def produce_texts(rows: list[TokenIds]) -> EmbeddingResponse:
             return answer(await batchers.texts.submit(rows))
 
-        charge = Charge("embeddings", "embed", len(inputs), body, prepare_texts, produce_texts)
+        charge = Charge("embeddings", SCOPE_EMBED, len(inputs), body, prepare_texts, produce_texts)
     return await billed(request, caller, charge)

@@ -3,22 +3,24 @@
 from __future__ import annotations
 
 from fastapi import APIRouter, Request, Response
+from fastapi.responses import PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from server.errors import error_response
 from server.guard import GuardedRoute
+from server.openapi import error_responses
 from server.state import get_state
 from shared.errors import ErrorCode
 
 router = APIRouter(tags=["health"], route_class=GuardedRoute)
 
 
-@router.get("/health")
+@router.get("/health", responses=error_responses())
 async def health() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@router.get("/ready", response_model=None)
+@router.get("/ready", response_model=None, responses=error_responses())
 async def ready(request: Request) -> Response | dict[str, str]:
     state = get_state(request)
     if not state.ready:
@@ -31,6 +33,16 @@ async def ready(request: Request) -> Response | dict[str, str]:
     return answer
 
 
-@router.get("/metrics")
+@router.get(
+    "/metrics",
+    response_class=PlainTextResponse,
+    responses={
+        200: {
+            "content": {"text/plain": {"schema": {"type": "string"}}},
+            "description": "Prometheus text format",
+        },
+        **error_responses(),
+    },
+)
 async def metrics(request: Request) -> Response:
     return Response(get_state(request).metrics.render(), media_type=CONTENT_TYPE_LATEST)

@@ -8,6 +8,7 @@ from fastapi import APIRouter, Depends, Request
 
 from server.billing import Caller, require_caller
 from server.guard import GuardedRoute
+from server.openapi import AUTHENTICATED, NOT_FOUND, error_responses
 from server.state import ready_state
 from server.validation import check_model
 from shared.schemas import ModelCard, ModelList, RequestLimits
@@ -32,12 +33,16 @@ def _advertised_card(request: Request) -> ModelCard:
     return backend.card.model_copy(update={"limits": limits})
 
 
-@router.get("/v1/models", response_model=ModelList)
+@router.get("/v1/models", response_model=ModelList, responses=error_responses(AUTHENTICATED))
 async def list_models(request: Request, _: Annotated[Caller, Depends(require_caller)]) -> ModelList:
     return ModelList(data=[_advertised_card(request)])
 
 
-@router.get("/v1/models/{model_id:path}", response_model=ModelCard)
+@router.get(
+    "/v1/models/{model_id:path}",
+    response_model=ModelCard,
+    responses=error_responses(AUTHENTICATED, NOT_FOUND),
+)
 async def get_model(
     model_id: str, request: Request, _: Annotated[Caller, Depends(require_caller)]
 ) -> ModelCard:

@@ -12,10 +12,12 @@ import torch
 from fastapi import APIRouter, Depends, Request, Response
 
 from server.backends.base import PromptItem
-from server.billing import Caller, Charge, billed, require_caller
+from server.billing import Caller, Charge, billed, check_tier, require_caller
 from server.errors import ApiError
 from server.guard import GuardedRoute
+from server.openapi import BILLED, WITH_ARRAYS, WITH_BODY, error_responses
 from server.state import ready_state
+from server.tiers import SCOPE_PROMPT, SCOPE_TOKENS
 from server.validation import (
     check_finite_features,
     check_item_count,
@@ -38,10 +40,15 @@ from shared.schemas import (
 router = APIRouter(tags=["prompts"], route_class=GuardedRoute)
 
 
-@router.post("/v1/prompt-embeddings", response_model=PromptEmbeddingResponse)
+@router.post(
+    "/v1/prompt-embeddings",
+    response_model=PromptEmbeddingResponse,
+    responses=error_responses(WITH_BODY, BILLED, WITH_ARRAYS),
+)
 async def prompt_embeddings(
     body: PromptEmbeddingRequest, request: Request, caller: Annotated[Caller, Depends(require_caller)]
 ) -> Response:
+    check_tier(caller, "prompt-embeddings", SCOPE_PROMPT)
     state, backend, batchers = ready_state(request)
     settings = state.settings
     check_model(body.model, backend)
@@ -69,14 +76,19 @@ async def prompt_embeddings(
         return PromptEmbeddingResponse(model=backend.card.id, shape=shape, embeddings=embeddings, usage=usage)
 
     return await billed(
-        request, caller, Charge("prompt-embeddings", "embed", n_items, body, prepare, produce)
+        request, caller, Charge("prompt-embeddings", SCOPE_PROMPT, n_items, body, prepare, produce)
     )
 
 
-@router.post("/v1/token-embeddings", response_model=TokenEmbeddingResponse)
+@router.post(
+    "/v1/token-embeddings",
+    response_model=TokenEmbeddingResponse,
+    responses=error_responses(WITH_BODY, BILLED),
+)
 async def token_embeddings(
     body: TokenEmbeddingRequest, request: Request, caller: Annotated[Caller, Depends(require_caller)]
 ) -> Response:
+    check_tier(caller, "token-embeddings", SCOPE_TOKENS)
     state, backend, _ = ready_state(request)
     settings = state.settings
     check_model(body.model, backend)
@@ -100,4 +112,4 @@ async def token_embeddings(
             model=backend.card.id, tokens=tokens, shape=list(matrix.shape), embedding=embedding, usage=usage
         )
 
-    return await billed(request, caller, Charge("token-embeddings", "embed", 1, body, prepare, produce))
+    return await billed(request, caller, Charge("token-embeddings", SCOPE_TOKENS, 1, body, prepare, produce))
