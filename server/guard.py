@@ -94,7 +94,7 @@ def parse_json_body(raw: bytes, max_elements: int) -> Any:
         value = json.loads(raw)
     except json.JSONDecodeError as exc:
         raise Refused(
-            422, ErrorCode.invalid_request, f"body: JSON decode error ({exc.msg})", param=str(exc.pos)
+            400, ErrorCode.invalid_request, f"body: JSON decode error ({exc.msg})", param=str(exc.pos)
         ) from exc
     except UnicodeDecodeError as exc:
         raise Refused(400, ErrorCode.invalid_request, f"the body is not valid UTF-8 ({exc.reason})") from exc
