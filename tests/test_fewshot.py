@@ -121,7 +121,7 @@ def test_fusion_scale_matches_spreads() -> None:
 
 
 def test_anchored_probe_stays_at_the_prior_when_strongly_anchored() -> None:
-    feats, labels, means = gaussians(20, seed=4)
+    feats, labels, _ = gaussians(20, seed=4)
     shots = Shots.of(feats, labels, 3)
     prior = F.normalize(torch.randn(3, 16, generator=torch.Generator().manual_seed(5)), dim=-1)
     stiff = fit_anchored_probe(shots, prior, SCALE, strength=1e6, adaptive=False)
