@@ -35,7 +35,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, fields
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -43,12 +43,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from client.api import CbbtClient, QueryCounter
-from client.data import Example, FewShotSplit, few_shot_split, load_dataset
+from client.api import QueryCounter
+from client.data import FewShotSplit, few_shot_split, load_dataset
+from client.errors import RequestError
 from client.features import FeatureCache, FeatureStore
-from client.report import write_report
+from client.model import accuracy_and_loss, logits_of, make_adapter, state_of
+from client.report import RunReport, finish_report
+from client.run_context import fetch_split_features
+from client.run_folder import RunFolder
+from client.selection import BATCH_SEED_OFFSET, Best, Selection, sample_batch
 from client.steppers import cosine_with_warmup
-from client.train import TuneConfig, accuracy_and_loss, logits_of, make_adapter
+from client.tune_config import TuneConfig
 from server.backends.base import Backend, PromptItem
 from server.backends.registry import create_backend
 from server.images import ImageLimits, decode_image
@@ -166,7 +171,7 @@ def check_forward(
 
 
 class InProcessService:
-    """Enough of `CbbtClient` for `FeatureStore`: image features from the backend, counted."""
+    """An `ImageEmbedder` (what `FeatureStore` needs): image features from the backend, counted."""
 
     def __init__(self, backend: Backend, batch_size: int = 32) -> None:
         self.backend = backend
@@ -197,22 +202,6 @@ class InProcessService:
 # ---------------------------------------------------------------------------------------------
 
 
-def _labels(examples: list[Example]) -> torch.Tensor:
-    return torch.tensor([e.label for e in examples], dtype=torch.long)
-
-
-def _sample(
-    train: torch.Tensor, labels: torch.Tensor, batch_size: int, generator: torch.Generator
-) -> tuple[torch.Tensor, torch.Tensor]:
-    n, views = train.shape[0], train.shape[1]
-    if batch_size <= 0:
-        return train.reshape(n * views, -1), labels.repeat_interleave(views)
-    size = min(batch_size, n)
-    idx = torch.randperm(n, generator=generator)[:size]
-    view = torch.randint(0, views, (size,), generator=generator)
-    return train[idx, view], labels[idx]
-
-
 def run_coop(
     backend: Backend,
     cache: FeatureCache,
@@ -221,21 +210,24 @@ def run_coop(
     out_dir: Path,
     *,
     name: str = METHOD,
-) -> dict[str, object]:
-    """CoOp (+ the adapter when `cfg.method` is "cbbt"; prompt only for "cbbt-prompt")."""
+) -> RunReport:
+    """CoOp (+ the adapter when `cfg.method` is "cbbt"; prompt only for "cbbt-prompt").
+
+    The tuner's loop with exact gradients: setup -> for each step (select on validation) ->
+    adapter-only epochs -> test the selected checkpoint once.
+    """
     started = time.time()
-    out_dir.mkdir(parents=True, exist_ok=True)
+    folder = RunFolder(out_dir).create()
     torch.manual_seed(cfg.seed)
-    batch_gen = torch.Generator().manual_seed(cfg.seed + 1_000_003)
+    batch_gen = torch.Generator().manual_seed(cfg.seed + BATCH_SEED_OFFSET)
     card = backend.card
     classes = list(split.class_names)
     scale = card.logit_scale
     service = InProcessService(backend)
-    store = FeatureStore(cast(CbbtClient, service), cache)
-    train = torch.from_numpy(store.features(split.train, cfg.views))
-    val = torch.from_numpy(store.features(split.val, 1))[:, 0]
-    test = torch.from_numpy(store.features(split.test, 1))[:, 0]
-    y_train, y_val, y_test = _labels(split.train), _labels(split.val), _labels(split.test)
+    store = FeatureStore(service, cache)
+    cached = fetch_split_features(store, split, cfg.views)
+    train, val, test = cached.train, cached.val, cached.test
+    y_train, y_val, y_test = cached.train_labels, cached.val_labels, cached.test_labels
     counter = service.counter
     feature_items = counter.items
 
@@ -252,7 +244,9 @@ def run_coop(
 
     theta = theta0.clone().requires_grad_(True)
     prompt_opt = torch.optim.AdamW([theta], lr=cfg.prompt_lr, weight_decay=cfg.prompt_weight_decay)
-    adapter = make_adapter(cfg, card.feature_dim, train, y_train, len(classes))
+    adapter = make_adapter(
+        cfg.adapter_kind, card.feature_dim, train, y_train, len(classes), ratio=cfg.adapter_ratio
+    )
     adapter_opt = (
         torch.optim.AdamW(adapter.parameters(), lr=cfg.adapter_lr, weight_decay=cfg.adapter_weight_decay)
         if adapter is not None and any(p.requires_grad for p in adapter.parameters())
@@ -262,56 +256,21 @@ def run_coop(
     steps_per_epoch = max(1, math.ceil(n_train / (cfg.batch_size if cfg.batch_size > 0 else n_train)))
     steps = steps_per_epoch * cfg.epochs if cfg.tunes_prompt else 0
     warmup = min(steps, steps_per_epoch)
-    adapter_start = steps_per_epoch * cfg.adapter_start_epoch if cfg.method == "cbbt" else 0
+    adapter_start = steps_per_epoch * cfg.adapter_joins_epoch
     lr_at = cosine_with_warmup(steps, warmup, cfg.prompt_lr, cfg.warmup_lr)
 
-    def state_of(module: nn.Module | None) -> dict[str, torch.Tensor] | None:
-        return None if module is None else {k: v.detach().clone() for k, v in module.state_dict().items()}
-
-    best: dict[str, Any] = {
-        "acc": zero_val,
-        "loss": math.inf,
-        "step": 0,
-        "theta": theta0.clone(),
-        "text": text0,
-        "adapter": state_of(adapter),
-    }
-    curve: list[dict[str, float]] = []
+    selection = Selection(counter)
+    selection.start(Best(zero_val, math.inf, 0, theta0.clone(), text0, state_of(adapter)))
 
     def select(step: int, texts: torch.Tensor, train_loss: float) -> None:
         acc, loss = accuracy_and_loss(adapter, val, y_val, texts, scale)
-        curve.append(
-            {
-                "step": float(step),
-                "val_accuracy": acc,
-                "train_loss": train_loss,
-                "items": float(counter.items),
-                "calls": 0.0,
-                "loss_evaluations": float(counter.loss_evaluations),
-            }
-        )
-        if (acc, -loss) > (best["acc"], -best["loss"]):
-            best.update(
-                acc=acc,
-                loss=loss,
-                step=step,
-                theta=theta.detach().clone(),
-                text=texts.detach().clone(),
-                adapter=state_of(adapter),
-            )
+        selection.offer(
+            step, acc, loss, train_loss,
+            lambda: Best(acc, loss, step, theta.detach().clone(), texts.detach().clone(), state_of(adapter)),
+        )  # fmt: skip
 
-    curve.append(
-        {
-            "step": 0.0,
-            "val_accuracy": zero_val,
-            "train_loss": math.nan,
-            "items": float(counter.items),
-            "calls": 0.0,
-            "loss_evaluations": 1.0,
-        }
-    )
     for step in range(steps):
-        images, labels = _sample(train, y_train, cfg.batch_size, batch_gen)
+        images, labels = sample_batch(train, y_train, cfg.batch_size, batch_gen)
         for group in prompt_opt.param_groups:
             group["lr"] = lr_at(step)
         prompt_opt.zero_grad()
@@ -333,17 +292,19 @@ def run_coop(
             adapter_opt.step()
 
     # The adapter alone on cached features with the best prompt (as the tuner's last phase).
-    text_best: torch.Tensor = best["text"]
+    best = selection.best
+    assert best.theta is not None and best.text_features is not None
+    text_best = best.text_features
     with torch.no_grad():
-        theta.copy_(best["theta"])
+        theta.copy_(best.theta)
     adapter_epochs = 0
     if adapter is not None and adapter_opt is not None:
-        if best["adapter"] is not None:
-            adapter.load_state_dict(best["adapter"])
+        if best.adapter is not None:
+            adapter.load_state_dict(best.adapter)
         per_epoch = max(1, math.ceil(train.shape[0] * train.shape[1] / cfg.adapter_batch_size))
         for epoch in range(cfg.adapter_epochs):
             for _ in range(per_epoch):
-                images, labels = _sample(train, y_train, cfg.adapter_batch_size, batch_gen)
+                images, labels = sample_batch(train, y_train, cfg.adapter_batch_size, batch_gen)
                 adapter.train()
                 adapter_opt.zero_grad()
                 loss = F.cross_entropy(logits_of(adapter, images, text_best, scale), labels)
@@ -353,34 +314,29 @@ def run_coop(
             adapter_epochs = epoch + 1
             select(steps + adapter_epochs, text_best, math.nan)
 
-    if adapter is not None and best["adapter"] is not None:
-        adapter.load_state_dict(best["adapter"])
-    test_acc, _ = accuracy_and_loss(adapter, test, y_test, best["text"], scale)
-    logger.info("%s: val %.4f, test %.4f (zero-shot %.4f)", name, best["acc"], test_acc, zero_test)
-    report: dict[str, object] = {
-        "method": name,
-        "white_box": True,
-        "note": "NOT black-box: exact gradients through the model, in-process (a reference ceiling)",
-        "shots": split.shots,
-        "seed": cfg.seed,
-        "model": card.id,
-        "classes": len(classes),
-        "zero_shot_val_accuracy": zero_val,
-        "zero_shot_test_accuracy": zero_test,
-        "val_accuracy": best["acc"],
-        "test_accuracy": test_acc,
-        "selected_step": best["step"],
-        "prompt_steps": steps,
-        "adapter_epochs": adapter_epochs,
-        "queries": counter.as_dict(),
-        "feature_items_charged": feature_items,
-        "budget": None,
-        "test_images": int(test.shape[0]),
-        "wall_seconds": time.time() - started,
-        "config": asdict(cfg),
-    }
-    write_report(report, curve, out_dir)
-    return report
+    best = selection.best
+    assert best.text_features is not None
+    if adapter is not None and best.adapter is not None:
+        adapter.load_state_dict(best.adapter)
+    test_acc, _ = accuracy_and_loss(adapter, test, y_test, best.text_features, scale)
+    logger.info("%s: val %.4f, test %.4f (zero-shot %.4f)", name, best.val_accuracy, test_acc, zero_test)
+    return finish_report(
+        folder,
+        selection.curve,
+        method=name,
+        split=split,
+        card=card,
+        counter=counter,
+        scores=(zero_val, zero_test, best.val_accuracy, best.val_loss, test_acc),
+        feature_items_charged=feature_items,
+        started=started,
+        white_box=True,
+        note="NOT black-box: exact gradients through the model, in-process (a reference ceiling)",
+        selected_step=best.step,
+        prompt_steps=steps,
+        adapter_epochs=adapter_epochs,
+        config=asdict(cfg),
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -418,7 +374,7 @@ def tune_config(shots: int, seed: int, views: int, overrides: dict[str, Any]) ->
     names = {f.name for f in fields(TuneConfig)}
     unknown = sorted(set(overrides) - names)
     if unknown:
-        raise SystemExit(f"unknown TuneConfig fields: {', '.join(unknown)}")
+        raise RequestError(f"unknown TuneConfig fields: {', '.join(unknown)}")
     values = {"method": "cbbt", **overrides, "shots": shots, "seed": seed, "views": views, "budget": None}
     return TuneConfig(**values)
 
@@ -445,7 +401,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         cache.close()
     print(
         f"{args.name} (white-box, not black-box), {cfg.shots}-shot, seed {cfg.seed}: "
-        f"test {report['test_accuracy']:.4f}, val {report['val_accuracy']:.4f}"
+        f"test {report.test_accuracy:.4f}, val {report.val_accuracy:.4f}"
     )
     return 0
 

@@ -1,94 +1,73 @@
-"""The HTTP client of the model server: one long-lived httpx client, retries, query counting.
+"""What the tuning code asks of a model service, and the client of cbbt's full API tier.
 
-- Retries (tenacity) on connection errors, timeouts, dropped connections and 408/409/429/5xx,
-  honouring `Retry-After` / `retry-after-ms`, exponential backoff with jitter otherwise.
-  Never retries `insufficient_quota`, answers marked `x-should-retry: false`, or other 4xx.
-- One `Idempotency-Key` per logical call, reused across its retries, so a retry of a call
-  the server already charged is replayed, not charged again. Callers may pass their own
-  deterministic key (the tuning loop does, so that a resumed run replays, too).
-- Every answered call is counted once (calls, items) in a `QueryCounter`.
+`ImageEmbedder` and `ModelApi` are the interfaces the rest of the client depends on; a client
+for another API tier (an embeddings-only OpenAI-style service, a prediction-only service)
+implements them on its own `ApiSession` (client/session.py, the one place that talks HTTP).
+
+`CbbtClient` is the full tier: images, texts, token embeddings and soft prompts in, features
+out. It splits requests by the limits the server advertises in its model card
+(`ModelCard.limits`), and counts every answered call once in a `QueryCounter`. One
+`Idempotency-Key` per logical call (or per part of a split call) is reused across its
+retries, so a retry of a call the server already charged is replayed, not charged again;
+callers may pass deterministic keys (the tuning loop does, so a resumed run replays too).
 """
 
 from __future__ import annotations
 
 import base64
-import logging
-import random
-import uuid
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
-from typing import Any, TypeVar
+from dataclasses import asdict, dataclass
+from typing import Protocol, TypeVar
 
 import httpx
 import numpy as np
 import numpy.typing as npt
 from pydantic import BaseModel
-from tenacity import RetryCallState, Retrying, retry_if_exception, stop_after_attempt, stop_after_delay
 
+from client.errors import ApiError, QuotaExhausted, TransientError
+from client.session import DEFAULT_LIMITS, DEFAULT_RETRY, DEFAULT_TIMEOUT, ApiSession, RetryPolicy
 from shared.arrays import decode_array, encode_array
-from shared.errors import ErrorCode
 from shared.schemas import (
     API_PREFIX,
     EmbeddingResponse,
     ModelCard,
     ModelList,
     PromptEmbeddingResponse,
+    RequestLimits,
     TokenEmbeddingResponse,
     UsageReport,
 )
-
-logger = logging.getLogger(__name__)
 
 __all__ = [
     "DEFAULT_LIMITS",
     "DEFAULT_RETRY",
     "DEFAULT_TIMEOUT",
+    "FALLBACK_LIMITS",
     "ApiError",
     "CbbtClient",
+    "ImageEmbedder",
+    "ModelApi",
     "QueryCounter",
     "QuotaExhausted",
     "RetryPolicy",
     "TransientError",
 ]
 
-DEFAULT_TIMEOUT = httpx.Timeout(connect=10.0, read=300.0, write=60.0, pool=30.0)
-DEFAULT_LIMITS = httpx.Limits(max_connections=8, max_keepalive_connections=4)
-RETRYABLE_STATUS = frozenset({408, 409, 429, 500, 502, 503, 504})
+FloatArray = npt.NDArray[np.float32]
 T = TypeVar("T", bound=BaseModel)
 
-
-@dataclass(frozen=True)
-class RetryPolicy:
-    max_attempts: int = 30
-    max_total_s: float = 600.0  # long enough to ride out a server restart
-    backoff_initial_s: float = 0.5
-    backoff_max_s: float = 20.0
-    jitter: float = 0.5
-
-
-DEFAULT_RETRY = RetryPolicy()
-
-
-class ApiError(Exception):
-    """The server answered with an error the client should not retry."""
-
-    def __init__(self, status: int, code: str | None, message: str) -> None:
-        super().__init__(f"{status} {code}: {message}")
-        self.status = status
-        self.code = code
-        self.message = message
-
-
-class QuotaExhausted(ApiError):
-    """The key's budget cannot pay for the call (`insufficient_quota`): stop, do not retry."""
-
-
-class TransientError(Exception):
-    """A failure worth retrying (5xx, 429 rate limit, dropped connection...)."""
-
-    def __init__(self, message: str, retry_after_s: float | None = None) -> None:
-        super().__init__(message)
-        self.retry_after_s = retry_after_s
+# For servers whose card predates `limits`: what those servers accepted.
+FALLBACK_LIMITS = RequestLimits(
+    max_items_per_request=4096,
+    max_body_bytes=32 * 1024 * 1024,
+    max_image_bytes=8 * 1024 * 1024,
+    max_image_pixels=4096 * 4096,
+    max_text_chars=2000,
+    max_class_name_chars=200,
+)
+# JSON and data-URI framing per image, beyond its base64 bytes.
+_IMAGE_OVERHEAD_BYTES = 64
+_BODY_HEADROOM = 0.9  # stay under the body limit by a margin (field names, separators)
 
 
 @dataclass
@@ -109,64 +88,34 @@ class QueryCounter:
                 setattr(self, name, int(value))
 
 
-def _retry_after_seconds(response: httpx.Response) -> float | None:
-    ms = response.headers.get("retry-after-ms")
-    if ms is not None:
-        try:
-            return float(ms) / 1000.0
-        except ValueError:
-            pass
-    seconds = response.headers.get("retry-after")
-    if seconds is not None:
-        try:
-            return float(seconds)
-        except ValueError:
-            return None
-    return None
+class ImageEmbedder(Protocol):
+    """Enough of a service for the feature cache: its card and image features."""
+
+    counter: QueryCounter
+
+    def model_card(self) -> ModelCard: ...
+
+    def embed_images(self, images: Sequence[bytes], *, idempotency_key: str | None = None) -> FloatArray: ...
 
 
-def _error_fields(response: httpx.Response) -> tuple[str | None, str]:
-    try:
-        error = response.json().get("error", {})
-        return error.get("code"), error.get("message", response.text[:200])
-    except (ValueError, AttributeError):
-        return None, response.text[:200]
+class ModelApi(ImageEmbedder, Protocol):
+    """Everything the tuning code asks of a service (the full tier)."""
 
+    def usage(self) -> UsageReport: ...
 
-def raise_for_answer(response: httpx.Response) -> None:
-    """Turn an error answer into QuotaExhausted, TransientError or ApiError."""
-    if response.is_success:
-        return
-    code, message = _error_fields(response)
-    if code == ErrorCode.insufficient_quota:
-        raise QuotaExhausted(response.status_code, code, message)
-    no_retry = response.headers.get("x-should-retry", "").lower() == "false"
-    if response.status_code in RETRYABLE_STATUS and not no_retry:
-        raise TransientError(f"{response.status_code} {code}: {message}", _retry_after_seconds(response))
-    raise ApiError(response.status_code, code, message)
+    def embed_texts(self, texts: Sequence[str], *, idempotency_key: str | None = None) -> FloatArray: ...
 
+    def token_embeddings(self, text: str, *, idempotency_key: str | None = None) -> FloatArray: ...
 
-def _is_retryable(exc: BaseException) -> bool:
-    return isinstance(exc, TransientError | httpx.TransportError)
+    def prompt_embeddings(
+        self, prompts: FloatArray, class_names: Sequence[str], *, idempotency_key: str | None = None
+    ) -> FloatArray: ...
 
-
-@dataclass
-class _Wait:
-    """Retry-After when the server gives one, else exponential backoff with jitter."""
-
-    policy: RetryPolicy
-    rng: random.Random = field(default_factory=random.Random)
-
-    def __call__(self, state: RetryCallState) -> float:
-        exc = state.outcome.exception() if state.outcome is not None else None
-        if isinstance(exc, TransientError) and exc.retry_after_s is not None:
-            return min(exc.retry_after_s, self.policy.backoff_max_s * 3)
-        base = min(self.policy.backoff_max_s, self.policy.backoff_initial_s * 2 ** (state.attempt_number - 1))
-        return base * (1 - self.policy.jitter + self.policy.jitter * self.rng.random() * 2)
+    def close(self) -> None: ...
 
 
 class CbbtClient:
-    """Typed access to one server. Thread-compatible (use one per thread)."""
+    """Typed access to one cbbt server (the full tier). Thread-compatible (use one per thread)."""
 
     def __init__(
         self,
@@ -177,24 +126,21 @@ class CbbtClient:
         retry: RetryPolicy = DEFAULT_RETRY,
         transport: httpx.BaseTransport | None = None,
         counter: QueryCounter | None = None,
-        max_items_per_request: int = 4096,
+        max_items_per_request: int | None = None,
     ) -> None:
-        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self._http = httpx.Client(
-            base_url=base_url.rstrip("/"),
-            headers=headers,
-            timeout=timeout,
-            limits=DEFAULT_LIMITS,
-            transport=transport,
-        )
-        self.retry = retry
+        self.session = ApiSession(base_url, api_key, timeout=timeout, retry=retry, transport=transport)
+        self.session.on_retry = self._count_retry
         self.counter = counter or QueryCounter()
-        self.max_items_per_request = max_items_per_request
+        self._max_items_override = max_items_per_request
         self._card: ModelCard | None = None
         self.on_retry: Callable[[BaseException, float], None] | None = None
 
+    @property
+    def retry(self) -> RetryPolicy:
+        return self.session.retry
+
     def close(self) -> None:
-        self._http.close()
+        self.session.close()
 
     def __enter__(self) -> CbbtClient:
         return self
@@ -202,74 +148,73 @@ class CbbtClient:
     def __exit__(self, *_: object) -> None:
         self.close()
 
-    # -- transport -------------------------------------------------------------------------
-    def request(
+    def _count_retry(self, exc: BaseException, wait: float) -> None:
+        self.counter.retries += 1
+        if self.on_retry is not None:
+            self.on_retry(exc, wait)
+
+    def _call(
         self,
         method: str,
         path: str,
         response_model: type[T],
         *,
-        json: dict[str, Any] | None = None,
+        json: dict[str, object] | None = None,
         items: int = 0,
         idempotency_key: str | None = None,
     ) -> T:
-        """One logical call: retried as needed, counted once when answered."""
-        headers = {"Idempotency-Key": idempotency_key or uuid.uuid4().hex} if method == "POST" else {}
-        retrying = Retrying(
-            retry=retry_if_exception(_is_retryable),
-            wait=_Wait(self.retry),
-            stop=stop_after_attempt(self.retry.max_attempts) | stop_after_delay(self.retry.max_total_s),
-            before_sleep=self._log_retry,
-            reraise=True,
-        )
-        response = retrying(self._send, method, path, json, headers)
+        """One logical call; model calls (POST) are counted once, when answered."""
+        response = self.session.request(method, path, json=json, idempotency_key=idempotency_key)
         if method == "POST":  # only model calls are charged; GETs (card, usage) are free
             self.counter.calls += 1
             self.counter.items += items
         return response_model.model_validate_json(response.content)
 
-    def _send(
-        self, method: str, path: str, json: dict[str, Any] | None, headers: dict[str, str]
-    ) -> httpx.Response:
-        response = self._http.request(method, path, json=json, headers=headers)
-        raise_for_answer(response)
-        return response
-
-    def _log_retry(self, state: RetryCallState) -> None:
-        self.counter.retries += 1
-        exc = state.outcome.exception() if state.outcome is not None else None
-        wait = state.next_action.sleep if state.next_action is not None else 0.0
-        logger.warning("retrying in %.1fs after: %s", wait, exc)
-        if self.on_retry is not None and exc is not None:
-            self.on_retry(exc, wait)
-
-    # -- API -------------------------------------------------------------------------------
+    # -- what the server says about itself --------------------------------------------------
     def model_card(self) -> ModelCard:
         if self._card is None:
-            self._card = self.request("GET", f"{API_PREFIX}/models", ModelList).data[0]
+            self._card = self._call("GET", f"{API_PREFIX}/models", ModelList).data[0]
         return self._card
 
+    @property
+    def limits(self) -> RequestLimits:
+        """The server's advertised request limits (FALLBACK_LIMITS from servers that predate them)."""
+        return self.model_card().limits or FALLBACK_LIMITS
+
+    @property
+    def max_items_per_request(self) -> int:
+        if self._max_items_override is not None:
+            return self._max_items_override
+        return self.limits.max_items_per_request
+
     def usage(self) -> UsageReport:
-        return self.request("GET", f"{API_PREFIX}/usage", UsageReport)
+        return self._call("GET", f"{API_PREFIX}/usage", UsageReport)
 
-    def embed_images(
-        self, images: Sequence[bytes], *, idempotency_key: str | None = None
-    ) -> npt.NDArray[np.float32]:
-        """Image file bytes -> [N, D] features (one call; split large sets yourself)."""
+    # -- features -----------------------------------------------------------------------------
+    def embed_images(self, images: Sequence[bytes], *, idempotency_key: str | None = None) -> FloatArray:
+        """Image file bytes -> [N, D] features, in as few requests as the server's limits allow."""
         uris = [f"data:{_mime(b)};base64,{base64.b64encode(b).decode()}" for b in images]
-        return self._embed(uris, "image", idempotency_key)
+        parts = _split_by_limits(uris, self.max_items_per_request, self.limits.max_body_bytes)
+        out = [
+            self._embed(part, "image", _part_key(idempotency_key, i, len(parts)))
+            for i, part in enumerate(parts)
+        ]
+        return np.concatenate(out) if len(out) > 1 else out[0]
 
-    def embed_texts(
-        self, texts: Sequence[str], *, idempotency_key: str | None = None
-    ) -> npt.NDArray[np.float32]:
-        return self._embed(list(texts), "text", idempotency_key)
+    def embed_texts(self, texts: Sequence[str], *, idempotency_key: str | None = None) -> FloatArray:
+        inputs = list(texts)
+        limit = self.max_items_per_request
+        parts = [inputs[i : i + limit] for i in range(0, len(inputs), limit)] or [[]]
+        out = [
+            self._embed(part, "text", _part_key(idempotency_key, i, len(parts)))
+            for i, part in enumerate(parts)
+        ]
+        return np.concatenate(out) if len(out) > 1 else out[0]
 
-    def _embed(
-        self, inputs: list[str], modality: str, idempotency_key: str | None
-    ) -> npt.NDArray[np.float32]:
+    def _embed(self, inputs: list[str], modality: str, idempotency_key: str | None) -> FloatArray:
         """One /v1/embeddings call: N inputs (texts or image data URIs) -> [N, D] features."""
-        body = {"input": inputs, "modality": modality, "encoding_format": "base64"}
-        answer = self.request(
+        body: dict[str, object] = {"input": inputs, "modality": modality, "encoding_format": "base64"}
+        answer = self._call(
             "POST",
             f"{API_PREFIX}/embeddings",
             EmbeddingResponse,
@@ -279,8 +224,8 @@ class CbbtClient:
         )
         return _stack(answer, self.model_card().feature_dim)
 
-    def token_embeddings(self, text: str, *, idempotency_key: str | None = None) -> npt.NDArray[np.float32]:
-        answer = self.request(
+    def token_embeddings(self, text: str, *, idempotency_key: str | None = None) -> FloatArray:
+        answer = self._call(
             "POST",
             f"{API_PREFIX}/token-embeddings",
             TokenEmbeddingResponse,
@@ -292,12 +237,8 @@ class CbbtClient:
         return decode_array(answer.embedding, answer.shape)
 
     def prompt_embeddings(
-        self,
-        prompts: npt.NDArray[np.float32],
-        class_names: Sequence[str],
-        *,
-        idempotency_key: str | None = None,
-    ) -> npt.NDArray[np.float32]:
+        self, prompts: FloatArray, class_names: Sequence[str], *, idempotency_key: str | None = None
+    ) -> FloatArray:
         """[P, M, W] soft prompts x C class names -> [P, C, D] text features.
 
         As few requests as the server's per-request item limit allows: whole prompts per
@@ -319,15 +260,13 @@ class CbbtClient:
             rows.append(np.concatenate(columns, axis=1))
         return np.concatenate(rows)
 
-    def _prompt_call(
-        self, prompts: npt.NDArray[np.float32], class_names: list[str], key: str | None
-    ) -> npt.NDArray[np.float32]:
-        body = {
+    def _prompt_call(self, prompts: FloatArray, class_names: list[str], key: str | None) -> FloatArray:
+        body: dict[str, object] = {
             "prompts": [encode_array(p) for p in prompts],
             "class_names": class_names,
             "encoding_format": "base64",
         }
-        answer = self.request(
+        answer = self._call(
             "POST",
             f"{API_PREFIX}/prompt-embeddings",
             PromptEmbeddingResponse,
@@ -339,8 +278,32 @@ class CbbtClient:
         return decode_array(answer.embeddings, answer.shape)
 
 
-def _stack(answer: EmbeddingResponse, dim: int) -> npt.NDArray[np.float32]:
+def _split_by_limits(uris: list[str], max_items: int, max_body_bytes: int) -> list[list[str]]:
+    """Consecutive parts with at most `max_items` inputs and a body under `max_body_bytes`."""
+    budget = int(max_body_bytes * _BODY_HEADROOM)
+    parts: list[list[str]] = [[]]
+    size = 0
+    for uri in uris:
+        cost = len(uri) + _IMAGE_OVERHEAD_BYTES
+        if parts[-1] and (len(parts[-1]) >= max_items or size + cost > budget):
+            parts.append([])
+            size = 0
+        parts[-1].append(uri)
+        size += cost
+    return parts
+
+
+def _part_key(key: str | None, index: int, parts: int) -> str | None:
+    """A whole call keeps its key; the parts of a split call get one each."""
+    if key is None or parts == 1:
+        return key
+    return f"{key}/{index}"
+
+
+def _stack(answer: EmbeddingResponse, dim: int) -> FloatArray:
     rows = sorted(answer.data, key=lambda d: d.index)
+    if not rows:
+        return np.empty((0, dim), np.float32)
     return np.stack(
         [
             decode_array(r.embedding, (dim,))

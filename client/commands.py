@@ -1,102 +1,151 @@
-"""What each `cbbt` subcommand does (the CLI module only parses arguments)."""
+"""What each `cbbt` subcommand does, on typed arguments (client/cli.py only parses argv).
+
+Every command takes its own frozen dataclass and the `ClientSettings`, returns an exit code,
+and raises client.errors' exceptions for anything the user has to act on.
+"""
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
-import math
 import shutil
 import sys
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
-from tqdm import tqdm
 
 from client.api import CbbtClient, QueryCounter
 from client.artifact import load_artifact
-from client.cli import ClientSettings, print_json, tune_config
 from client.data import DatasetUnavailable, Example, few_shot_split, load_dataset
+from client.errors import RequestError
 from client.features import FeatureCache, FeatureStore
-from client.local_server import LocalServer
-from client.train import Tuner, TuneResult, accuracy_and_loss, logits_of
+from client.grid import BenchConfig, Service, needs_server, run_bench
+from client.methods import DEFAULT_METHOD, method, parse_define, register_method
+from client.model import accuracy_and_loss, logits_of
+from client.progress import Progress
+from client.report import RunReport
+from client.run_folder import FEATURES_DB, RunFolder
+from client.runner import DataSpec, LocalModel, RunSpec, run_method
+from client.server_process import LARGE_BUDGET, ServerProcess
+from client.session import RetryPolicy
+from client.settings import ClientSettings
 
 logger = logging.getLogger("cbbt")
 
-CACHE_FILE = "features.sqlite"
 # The demo: small enough for a few minutes on 2 CPU cores, large enough to show learning.
 DEMO_BUDGET = 24_000
 DEMO_TEST_PER_CLASS = 50
+DEMO_SHOTS = 16
+DEMO_SEED = 1
+DEFAULT_LOCAL_MODEL = "devise-effnet-minilm"
 
 
-def _client(settings: ClientSettings, counter: QueryCounter | None = None) -> CbbtClient:
-    return CbbtClient(settings.server, settings.api_key, counter=counter)
+@dataclass(frozen=True)
+class TuneArgs:
+    data: DataSpec
+    out: Path
+    method: str = DEFAULT_METHOD
+    shots: int = 16
+    seed: int = 1
+    views: int | None = None
+    budget: int | None = None
+    flags: Mapping[str, Any] = field(default_factory=dict)  # TuneConfig settings the user typed
+    resume: bool = False
+    progress: bool = True
 
 
-def _feature_store(client: CbbtClient, settings: ClientSettings, bar: tqdm | None = None) -> FeatureStore:
-    cache = FeatureCache(settings.cache_dir / CACHE_FILE)
-    progress = (lambda n: bar.update(n)) if bar is not None else None
-    return FeatureStore(client, cache, progress=progress)
+@dataclass(frozen=True)
+class EvalArgs:
+    data: DataSpec
+    artifact: Path
 
 
-def tune(args: argparse.Namespace, settings: ClientSettings) -> int:
-    cfg = tune_config(args)
-    dataset = load_dataset(args.data, data_dir=args.data_dir)
-    split = few_shot_split(dataset, cfg.shots, cfg.seed, max_test_per_class=args.test_per_class)
+@dataclass(frozen=True)
+class PredictArgs:
+    artifact: Path
+    images: tuple[Path, ...]
+
+
+@dataclass(frozen=True)
+class DemoArgs:
+    out: Path = Path("runs/demo")
+    budget: int | None = None
+    port: int | None = None
+    data: str = "fashion-mnist"
+
+
+@dataclass(frozen=True)
+class BenchArgs:
+    config: BenchConfig
+    cache_dir: Path | None = None
+    defines: tuple[str, ...] = ()
+    local: bool = False
+    local_model: str | None = None
+    local_pretrained: str | None = None
+    local_args: tuple[str, ...] = ()
+    client_threads: int = 1
+
+
+def make_client(settings: ClientSettings, counter: QueryCounter | None = None) -> CbbtClient:
+    retry = RetryPolicy(max_total_s=settings.retry_total_s)
+    return CbbtClient(settings.server, settings.api_key, counter=counter, retry=retry)
+
+
+def _feature_store(client: CbbtClient, settings: ClientSettings) -> FeatureStore:
+    return FeatureStore(client, FeatureCache(settings.cache_dir / FEATURES_DB))
+
+
+def print_json(value: object) -> None:
+    print(json.dumps(value, indent=2))
+
+
+# -- tune -------------------------------------------------------------------------------------
+def tune(args: TuneArgs, settings: ClientSettings) -> int:
+    spec = method(args.method)
+    dataset = load_dataset(args.data.spec, data_dir=args.data.data_dir)
+    split = few_shot_split(dataset, args.shots, args.seed, max_test_per_class=args.data.test_per_class)
     logger.info(
         "%s: %d classes, %d train / %d val / %d test images",
-        dataset.name,
-        len(split.class_names),
-        len(split.train),
-        len(split.val),
-        len(split.test),
-    )
-    with _client(settings) as client:
-        bar = tqdm(desc="tuning", unit="step", disable=args.no_progress, dynamic_ncols=True)
-
-        def show(point: dict[str, float]) -> None:
-            bar.update(1)
-            bar.set_postfix(
-                val=f"{point['val_accuracy']:.3f}",
-                loss=f"{point['train_loss']:.3f}" if math.isfinite(point["train_loss"]) else "-",
-                items=int(point["items"]),
-            )
-
-        features = _feature_store(client, settings)
-        tuner = Tuner(client, features, split, cfg, args.out, progress=show)
-        try:
-            result = tuner.run(resume=args.resume)
-        finally:
-            bar.close()
-    _print_summary(result)
+        dataset.name, len(split.class_names), len(split.train), len(split.val), len(split.test),
+    )  # fmt: skip
+    run = RunSpec(spec, split, RunFolder(args.out), args.data, args.views, args.budget, args.flags)
+    with make_client(settings) as client:
+        report = run_method(
+            run,
+            client,
+            _feature_store(client, settings),
+            resume=args.resume,
+            progress=Progress(args.progress),
+            on_plan=lambda plan: print(f"plan:\n{plan}", flush=True),
+        )
+    _print_summary(report, run.folder)
     return 0
 
 
-def _print_summary(result: TuneResult) -> None:
-    r = result.report
-    queries = r["queries"]
-    assert isinstance(queries, dict)
-    print(
-        f"method {r['method']}, {r['shots']}-shot, seed {r['seed']}: "
-        f"test accuracy {r['test_accuracy']:.4f} (zero-shot {r['zero_shot_test_accuracy']:.4f}), "
-        f"val {r['val_accuracy']:.4f}; queries: {queries['calls']} calls, {queries['items']} items, "
-        f"{queries['loss_evaluations']} loss evaluations; {r['wall_seconds']:.0f} s"
-    )
-    print(f"artifact: {result.artifact_dir}")
+def _print_summary(report: RunReport, folder: RunFolder) -> None:
+    print(report.summary())
+    if folder.artifact.exists():
+        print(f"artifact: {folder.artifact}")
 
 
+# -- eval, predict, usage -----------------------------------------------------------------------
 def _image_features(client: CbbtClient, settings: ClientSettings, examples: list[Example]) -> torch.Tensor:
     store = _feature_store(client, settings)
-    return torch.from_numpy(store.features(examples, 1))[:, 0]
+    with Progress().bar("image features", store.missing_count(examples, 1), "img") as bar:
+        return torch.from_numpy(store.features(examples, 1, on_batch=bar.update))[:, 0]
 
 
-def evaluate(args: argparse.Namespace, settings: ClientSettings) -> int:
+def evaluate(args: EvalArgs, settings: ClientSettings) -> int:
     artifact = load_artifact(args.artifact)
-    dataset = load_dataset(args.data, data_dir=args.data_dir)
-    if [n for n in dataset.class_names] != artifact.class_names:
-        raise SystemExit("the data set's classes differ from the artifact's")
-    test = few_shot_split(dataset, 1, 0, val_per_class=0, max_test_per_class=args.test_per_class).test
-    with _client(settings) as client:
+    dataset = load_dataset(args.data.spec, data_dir=args.data.data_dir)
+    if list(dataset.class_names) != artifact.class_names:
+        raise RequestError("the data set's classes differ from the artifact's")
+    test = few_shot_split(dataset, 1, 0, val_per_class=0, max_test_per_class=args.data.test_per_class).test
+    with make_client(settings) as client:
         feats = _image_features(client, settings, test)
     labels = torch.tensor([e.label for e in test])
     acc, loss = accuracy_and_loss(
@@ -106,10 +155,10 @@ def evaluate(args: argparse.Namespace, settings: ClientSettings) -> int:
     return 0
 
 
-def predict(args: argparse.Namespace, settings: ClientSettings) -> int:
+def predict(args: PredictArgs, settings: ClientSettings) -> int:
     artifact = load_artifact(args.artifact)
     examples = [Example.from_file(-1, path, str(path)) for path in args.images]
-    with _client(settings) as client:
+    with make_client(settings) as client:
         feats = _image_features(client, settings, examples)
     with torch.no_grad():
         logits = logits_of(
@@ -118,21 +167,19 @@ def predict(args: argparse.Namespace, settings: ClientSettings) -> int:
         probs = torch.softmax(logits, dim=-1)
     for path, row in zip(args.images, probs, strict=True):
         index = int(row.argmax())
-        print(
-            json.dumps(
-                {"image": str(path), "label": artifact.class_names[index], "probability": float(row[index])}
-            )
-        )
+        line = {"image": str(path), "label": artifact.class_names[index], "probability": float(row[index])}
+        print(json.dumps(line))
     return 0
 
 
-def usage(_: argparse.Namespace, settings: ClientSettings) -> int:
-    with _client(settings) as client:
+def usage(settings: ClientSettings) -> int:
+    with make_client(settings) as client:
         print_json(client.usage().model_dump())
     return 0
 
 
-def demo(args: argparse.Namespace) -> int:
+# -- demo ---------------------------------------------------------------------------------------
+def demo(args: DemoArgs) -> int:
     """Start the default real-weights server, create a key, tune 16-shot, print, stop the server."""
     data = args.data
     try:
@@ -144,39 +191,56 @@ def demo(args: argparse.Namespace) -> int:
     # The server shares this machine's cores: a one-thread client keeps the two from
     # oversubscribing them (the client's local work, the adapter, is small).
     torch.set_num_threads(1)
-    out: Path = args.out
+    out = args.out
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)
-    with LocalServer(db=out / "server.db", port=args.port, log_path=out / "server.log") as server:
+    with ServerProcess(out / "server.db", port=args.port, log_path=out / "server.log") as server:
         key = server.create_key("demo", budget_items=budget * 2)
         settings = ClientSettings(server=server.url, api_key=key, cache_dir=out / "cache")
-        tune_args = build_tune_args(data, budget, out / "run")
+        tune_args = TuneArgs(
+            data=DataSpec(data, test_per_class=DEMO_TEST_PER_CLASS),
+            out=out / "run",
+            shots=DEMO_SHOTS,
+            seed=DEMO_SEED,
+            budget=budget,
+            progress=sys.stderr.isatty(),
+        )
         code = tune(tune_args, settings)
-        with _client(settings) as client:
-            report = client.usage()
-        print(f"server ledger: {report.spent_items} items in {report.spent_requests} requests")
+        with make_client(settings) as client:
+            ledger = client.usage()
+        print(f"server ledger: {ledger.spent_items} items in {ledger.spent_requests} requests")
     return code
 
 
-def build_tune_args(data: str, budget: int, out: Path) -> argparse.Namespace:
-    from client.cli import build_parser
-
-    return build_parser().parse_args(
-        [
-            "tune",
-            "--data",
-            data,
-            "--shots",
-            "16",
-            "--seed",
-            "1",
-            "--budget",
-            str(budget),
-            "--out",
-            str(out),
-            "--test-per-class",
-            str(DEMO_TEST_PER_CLASS),
-            *(["--no-progress"] if not sys.stderr.isatty() else []),
-        ]
-    )
+# -- bench --------------------------------------------------------------------------------------
+def bench(args: BenchArgs, settings: ClientSettings) -> int:
+    """`cbbt bench`: against the configured server, or a server started here with --local."""
+    for text in args.defines:
+        name, base, overrides = parse_define(text)
+        register_method(name, based_on=base, **overrides)
+    cfg = args.config
+    if args.client_threads > 0:
+        torch.set_num_threads(args.client_threads)
+    cache_path = (args.cache_dir or cfg.out / "cache") / FEATURES_DB
+    retry = RetryPolicy(max_total_s=settings.retry_total_s)
+    local = None
+    if args.local:
+        local = LocalModel(args.local_model or DEFAULT_LOCAL_MODEL, args.local_pretrained, cache_path)
+    if not args.local or not needs_server(cfg):
+        records = run_bench(cfg, Service(settings.server, settings.api_key, cache_path, retry, local))
+    else:
+        server_dir = cfg.out / "server"
+        with ServerProcess(
+            server_dir / "server.db",
+            model=args.local_model,
+            pretrained=args.local_pretrained,
+            log_path=server_dir / "server.log",
+            extra_args=args.local_args,
+        ) as server:
+            name = f"bench-{time.strftime('%Y%m%d-%H%M%S')}-{server.port}"  # key names are unique
+            key = server.create_key(name, budget_items=LARGE_BUDGET)
+            records = run_bench(cfg, Service(server.url, key, cache_path, retry, local))
+    failed = [r for r in records if r.get("status") == "failed"]
+    print(f"{len(records)} runs ({len(failed)} failed); summary: {cfg.folder.results_md}")
+    return 1 if failed else 0

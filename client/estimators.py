@@ -1,6 +1,7 @@
 """Zeroth-order gradient estimators and baseline black-box optimisers.
 
-Everything here talks to the loss through one batched oracle, `LossFn`: it takes P flattened
+Everything here talks to the loss through one batched oracle, `LossOracle`
+(client/oracle.py): it takes P flattened
 parameter vectors `[P, d]` and returns their P losses `[P]`. The client turns one oracle call
 into one HTTP request, so every method asks for *all* the points of a step (the base point
 included) in a single call, and reports how many points it evaluated so the query counter
@@ -21,7 +22,6 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
@@ -30,10 +30,10 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
+from client.oracle import LossOracle
+
 logger = logging.getLogger(__name__)
 
-LossFn = Callable[[torch.Tensor], torch.Tensor]
-"""Batched loss oracle: `[P, d]` parameter vectors in, `[P]` losses out, one request per call."""
 
 # Estimation runs in float64: finite differences of float32 losses over μ ≈ 1e-3 already lose
 # about four digits, and accumulating q terms in float32 would lose more.
@@ -82,7 +82,7 @@ class ZerothOrderOptimizer(Protocol):
     @property
     def points_per_step(self) -> int: ...
 
-    def step(self, theta: torch.Tensor, loss_fn: LossFn) -> StepResult: ...
+    def step(self, theta: torch.Tensor, loss_fn: LossOracle) -> StepResult: ...
 
     def state_dict(self) -> dict[str, torch.Tensor]: ...
 
@@ -130,7 +130,7 @@ def clip_norm(vector: torch.Tensor, max_norm: float | None) -> tuple[torch.Tenso
     return vector * (max_norm / norm), True
 
 
-def evaluate(loss_fn: LossFn, points: torch.Tensor) -> torch.Tensor:
+def evaluate(loss_fn: LossOracle, points: torch.Tensor) -> torch.Tensor:
     """Ask the oracle for all `points` at once; returns float64 losses on the CPU, validated."""
     losses = loss_fn(points)
     if losses.shape != (points.shape[0],):
@@ -269,7 +269,7 @@ class GradientEstimator:
             return math.sqrt(self.search_dim)
         return self.config.clip_norm
 
-    def step(self, theta: torch.Tensor, loss_fn: LossFn) -> Estimate:
+    def step(self, theta: torch.Tensor, loss_fn: LossOracle) -> Estimate:
         """Estimate ∇ℓ(θ) with one oracle call of `points_per_step` points."""
         base = _flat_work_copy(theta, self.dim)
         history_dirs, random_dirs = self._draw_directions()
@@ -470,7 +470,7 @@ class CmaesOptimizer:
     def _mean_theta(self) -> torch.Tensor:
         return self._to_theta(np.asarray(self._es.mean, dtype=np.float64))
 
-    def step(self, theta: torch.Tensor, loss_fn: LossFn) -> StepResult:
+    def step(self, theta: torch.Tensor, loss_fn: LossOracle) -> StepResult:
         flat = _flat_work_copy(theta, self.dim)
         self._check_or_anchor(flat)
         solutions = self._es.ask()
@@ -603,7 +603,7 @@ class SpsaGcOptimizer:
             search = bits.to(_WORK_DTYPE) * 2.0 - 1.0
         return _lift(search, self._basis)
 
-    def step(self, theta: torch.Tensor, loss_fn: LossFn) -> StepResult:
+    def step(self, theta: torch.Tensor, loss_fn: LossOracle) -> StepResult:
         base = _flat_work_copy(theta, self.dim)
         a_k, c_k = self.gains(self._k)
         lookahead = base + self.config.momentum * self._velocity
@@ -699,7 +699,7 @@ class ZipOptimizer:
     def points_per_step(self) -> int:
         return self.estimator.points_per_step
 
-    def step(self, theta: torch.Tensor, loss_fn: LossFn) -> StepResult:
+    def step(self, theta: torch.Tensor, loss_fn: LossOracle) -> StepResult:
         estimate = self.estimator.step(theta, loss_fn)
         new_theta = theta.detach() - self.config.lr * estimate.grad
         return StepResult(theta=new_theta, loss=estimate.loss, evaluations=estimate.evaluations)

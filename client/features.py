@@ -21,7 +21,7 @@ import numpy as np
 import numpy.typing as npt
 from PIL import Image
 
-from client.api import CbbtClient
+from client.api import ImageEmbedder
 from client.data import Example
 
 logger = logging.getLogger(__name__)
@@ -113,7 +113,7 @@ class FeatureStore:
 
     def __init__(
         self,
-        client: CbbtClient,
+        client: ImageEmbedder,
         cache: FeatureCache,
         *,
         batch_size: int = 64,
@@ -139,8 +139,15 @@ class FeatureStore:
         keys = [self._key(content_hash(e.image_bytes()), v) for e in examples for v in range(views)]
         return len(set(keys)) - len(self.cache.get_many(sorted(set(keys))))
 
-    def features(self, examples: Sequence[Example], views: int = 1) -> npt.NDArray[np.float32]:
-        """[N, views, D] features; the ones not yet cached are fetched in batches."""
+    def features(
+        self,
+        examples: Sequence[Example],
+        views: int = 1,
+        *,
+        on_batch: Callable[[int], None] | None = None,
+    ) -> npt.NDArray[np.float32]:
+        """[N, views, D] features; the ones not yet cached are fetched in batches, and each
+        fetched batch's size goes to `on_batch` (and the store's `progress`)."""
         hashes = [content_hash(e.image_bytes()) for e in examples]
         wanted = [(i, v, self._key(h, v)) for i, h in enumerate(hashes) for v in range(views)]
         cached = self.cache.get_many(sorted({k for _, _, k in wanted}))
@@ -159,8 +166,9 @@ class FeatureStore:
             fetched = dict(zip(batch, vectors, strict=True))
             self.cache.put_many(fetched)
             cached.update(fetched)
-            if self.progress is not None:
-                self.progress(len(batch))
+            for report in (self.progress, on_batch):
+                if report is not None:
+                    report(len(batch))
         dim = next(iter(cached.values())).shape[0] if cached else self.client.model_card().feature_dim
         out = np.empty((len(examples), views, dim), dtype=np.float32)
         for i, v, key in wanted:

@@ -15,11 +15,12 @@ import logging
 import math
 from dataclasses import asdict, dataclass
 
+from client.errors import BudgetTooSmall
+
 logger = logging.getLogger(__name__)
 
 
-class BudgetTooSmall(ValueError):
-    """The budget cannot pay for the image features and the initial prompt."""
+__all__ = ["BudgetTooSmall", "Plan", "check_fixed_costs", "make_plan"]
 
 
 @dataclass(frozen=True)
@@ -65,6 +66,20 @@ class Plan:
         return "\n".join(lines)
 
 
+def check_fixed_costs(*, feature_items: int, num_classes: int, budget: int | None) -> int:
+    """The initial prompt's items (its token vectors + its C class features); BudgetTooSmall
+    when the budget cannot pay for them and the image features (checked before any spending)."""
+    init_items = 1 + num_classes
+    fixed = feature_items + init_items
+    if budget is not None and fixed > budget:
+        raise BudgetTooSmall(
+            f"a budget of {budget} items cannot pay for the image features and the initial prompt "
+            f"({feature_items} + {init_items} = {fixed} items); "
+            "raise --budget or lower --views/--test-per-class"
+        )
+    return init_items
+
+
 def make_plan(
     *,
     feature_items: int,
@@ -77,17 +92,11 @@ def make_plan(
     budget: int | None,
     tunes_prompt: bool,
 ) -> Plan:
-    init_items = 1 + num_classes  # token vectors of the init text + its class features
+    init_items = check_fixed_costs(feature_items=feature_items, num_classes=num_classes, budget=budget)
     items_per_step = points_per_step * num_classes
     steps_per_epoch = max(1, math.ceil(train_images / batch_size))
     faithful = steps_per_epoch * epochs if tunes_prompt else 0
     fixed = feature_items + init_items
-    if budget is not None and fixed > budget:
-        raise BudgetTooSmall(
-            f"a budget of {budget} items cannot pay for the image features and the initial prompt "
-            f"({feature_items} + {init_items} = {fixed} items); "
-            "raise --budget or lower --views/--test-per-class"
-        )
     affordable = faithful if budget is None else min(faithful, (budget - fixed) // max(1, items_per_step))
     scale = affordable / faithful if faithful else 0.0
     warmup = min(affordable, round(steps_per_epoch * scale)) if affordable else 0

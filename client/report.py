@@ -1,11 +1,25 @@
-"""report.json and curve.png (validation accuracy against items spent)."""
+"""The one report every run writes (tuner, feature method, white-box reference): report.json,
+its curve (curve.json) and the curve's plot (curve.png), in the run's `RunFolder`.
+
+A new report field is a field of `RunReport` (with a default, so older report.json files
+still load); the bench's tables read reports through `RunReport.load`.
+"""
 
 from __future__ import annotations
 
 import json
 import logging
 import math
-from pathlib import Path
+import time
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+from client.api import QueryCounter
+from client.data import FewShotSplit
+from client.plots import plot_curve
+from client.run_folder import RunFolder
+from client.selection import CurvePoint
+from shared.schemas import ModelCard
 
 logger = logging.getLogger(__name__)
 
@@ -16,32 +30,101 @@ def json_safe(value: object) -> object:
         return None
     if isinstance(value, dict):
         return {k: json_safe(v) for k, v in value.items()}
-    if isinstance(value, list):
+    if isinstance(value, list | tuple):
         return [json_safe(v) for v in value]
     return value
 
 
-def write_report(report: dict[str, object], curve: list[dict[str, float]], out_dir: Path) -> None:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "report.json").write_text(json.dumps(json_safe(report), indent=2))
-    (out_dir / "curve.json").write_text(json.dumps(json_safe(curve)))
-    plot_curve(curve, out_dir / "curve.png", title=f"{report.get('method')} · {report.get('shots')}-shot")
+@dataclass
+class RunReport:
+    """What one run did, cost and scored. Accuracies in [0, 1]; items as the server charges them."""
+
+    method: str  # the registry name (client.methods)
+    shots: int
+    seed: int
+    model: str
+    classes: int
+    zero_shot_val_accuracy: float
+    zero_shot_test_accuracy: float
+    val_accuracy: float
+    test_accuracy: float
+    queries: dict[str, int]  # QueryCounter: calls, items, loss_evaluations, retries
+    feature_items_charged: int  # image features this run paid for (the rest came from the cache)
+    test_images: int
+    wall_seconds: float
+    budget: int | None = None
+    val_loss: float | None = None
+    selected_step: int | None = None  # tuners: the step (or adapter epoch) selected on validation
+    selected: dict[str, object] = field(default_factory=dict)  # hyperparameters chosen on validation
+    prompt_steps: int | None = None
+    adapter_epochs: int | None = None
+    stopped_reason: str | None = None
+    plan: dict[str, Any] | None = None
+    white_box: bool = False
+    note: str = ""
+    config: dict[str, Any] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> RunReport:
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in values.items() if k in names})
+
+    @classmethod
+    def load(cls, folder: RunFolder) -> RunReport:
+        return cls.from_dict(json.loads(folder.report.read_text()))
+
+    def summary(self) -> str:
+        q = self.queries
+        return (
+            f"method {self.method}, {self.shots}-shot, seed {self.seed}: "
+            f"test accuracy {self.test_accuracy:.4f} (zero-shot {self.zero_shot_test_accuracy:.4f}), "
+            f"val {self.val_accuracy:.4f}; queries: {q['calls']} calls, {q['items']} items, "
+            f"{q['loss_evaluations']} loss evaluations; {self.wall_seconds:.0f} s"
+        )
 
 
-def plot_curve(curve: list[dict[str, float]], path: Path, *, title: str = "") -> None:
-    import matplotlib
+def write_report(report: RunReport, curve: list[CurvePoint], folder: RunFolder) -> None:
+    folder.create()
+    folder.report.write_text(json.dumps(json_safe(report.as_dict()), indent=2))
+    folder.curve.write_text(json.dumps(json_safe(curve)))
+    plot_curve(curve, folder.curve_plot, title=f"{report.method} · {report.shots}-shot")
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    items = [p["items"] for p in curve]
-    accuracy = [p["val_accuracy"] for p in curve]
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
-    ax.plot(items, accuracy, marker=".", linewidth=1)
-    ax.set_xlabel("items spent (images + text sequences encoded)")
-    ax.set_ylabel("validation accuracy")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+def finish_report(
+    folder: RunFolder,
+    curve: list[CurvePoint],
+    *,
+    method: str,
+    split: FewShotSplit,
+    card: ModelCard,
+    counter: QueryCounter,
+    scores: tuple[float, float, float, float | None, float],
+    feature_items_charged: int,
+    started: float,
+    **details: Any,
+) -> RunReport:
+    """The report every run ends with, written to its folder. `scores`: zero-shot val and test
+    accuracy, then the selected checkpoint's val accuracy, val loss, and its test accuracy."""
+    zero_val, zero_test, val_accuracy, val_loss, test_accuracy = scores
+    report = RunReport(
+        method=method,
+        shots=split.shots,
+        seed=split.seed,
+        model=card.id,
+        classes=len(split.class_names),
+        zero_shot_val_accuracy=zero_val,
+        zero_shot_test_accuracy=zero_test,
+        val_accuracy=val_accuracy,
+        val_loss=val_loss,
+        test_accuracy=test_accuracy,
+        queries=counter.as_dict(),
+        feature_items_charged=feature_items_charged,
+        test_images=len(split.test),
+        wall_seconds=time.time() - started,
+        **details,
+    )
+    write_report(report, curve, folder)
+    return report

@@ -28,9 +28,7 @@ from client.estimators import (
     ZipConfig,
     ZipOptimizer,
 )
-
-# points [P, d] -> (losses [P], text features [P, C, D])
-Oracle = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+from client.oracle import LossOracle
 
 
 @dataclass(frozen=True)
@@ -44,22 +42,17 @@ class PromptStepper(Protocol):
     @property
     def points_per_step(self) -> int: ...
 
-    def step(self, index: int, theta: torch.Tensor, oracle: Oracle) -> StepOutcome: ...
+    def step(self, index: int, theta: torch.Tensor, oracle: LossOracle) -> StepOutcome: ...
 
     def state_dict(self) -> dict[str, object]: ...
 
     def load_state_dict(self, state: dict[str, object]) -> None: ...
 
 
-def _capturing(
-    oracle: Oracle, keep: dict[str, torch.Tensor], base_row: int
-) -> Callable[[torch.Tensor], torch.Tensor]:
-    def loss_fn(points: torch.Tensor) -> torch.Tensor:
-        losses, texts = oracle(points)
-        keep["base"] = texts[base_row]
-        return losses
-
-    return loss_fn
+def _text_row(oracle: LossOracle, row: int) -> torch.Tensor:
+    if oracle.text_features is None:
+        raise RuntimeError("the oracle gave no text features: a prompt stepper needs them")
+    return oracle.text_features[row]
 
 
 class EstimatedGradient:
@@ -87,15 +80,14 @@ class EstimatedGradient:
     def points_per_step(self) -> int:
         return self.estimator.points_per_step
 
-    def step(self, index: int, theta: torch.Tensor, oracle: Oracle) -> StepOutcome:
-        keep: dict[str, torch.Tensor] = {}
+    def step(self, index: int, theta: torch.Tensor, oracle: LossOracle) -> StepOutcome:
         self.param.data.copy_(theta)
-        estimate = self.estimator.step(self.param.detach(), _capturing(oracle, keep, base_row=0))
+        estimate = self.estimator.step(self.param.detach(), oracle)  # row 0: the base point
         for group in self.optimizer.param_groups:
             group["lr"] = self.lr_at(index)
         self.param.grad = estimate.grad.to(self.param.dtype)
         self.optimizer.step()
-        return StepOutcome(self.param.detach().clone(), estimate.loss, keep["base"])
+        return StepOutcome(self.param.detach().clone(), estimate.loss, _text_row(oracle, 0))
 
     def state_dict(self) -> dict[str, object]:
         return {"estimator": self.estimator.state_dict(), "optimizer": self.optimizer.state_dict()}
@@ -103,6 +95,23 @@ class EstimatedGradient:
     def load_state_dict(self, state: dict[str, object]) -> None:
         self.estimator.load_state_dict(state["estimator"])  # type: ignore[arg-type]
         self.optimizer.load_state_dict(state["optimizer"])  # type: ignore[arg-type]
+
+
+class _WithBase:
+    """The peer's population plus the current prompt as the last point, in the same call."""
+
+    def __init__(self, oracle: LossOracle, base: torch.Tensor) -> None:
+        self.oracle = oracle
+        self.base = base.detach().reshape(1, -1)
+        self.text_features: torch.Tensor | None = None
+        self.base_text: torch.Tensor | None = None
+
+    def __call__(self, points: torch.Tensor) -> torch.Tensor:
+        losses = self.oracle(torch.cat([points, self.base.to(points.dtype)]))
+        self.base_text = _text_row(self.oracle, -1)
+        assert self.oracle.text_features is not None
+        self.text_features = self.oracle.text_features[:-1]
+        return losses[:-1]
 
 
 class Baseline:
@@ -115,17 +124,11 @@ class Baseline:
     def points_per_step(self) -> int:
         return self.optimizer.points_per_step + 1
 
-    def step(self, index: int, theta: torch.Tensor, oracle: Oracle) -> StepOutcome:
-        keep: dict[str, torch.Tensor] = {}
-        flat = theta.detach().reshape(1, -1)
-
-        def with_base(points: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            losses, texts = oracle(torch.cat([points, flat.to(points.dtype)]))
-            keep["base"] = texts[-1]
-            return losses[:-1], texts[:-1]
-
-        result = self.optimizer.step(theta.detach(), lambda pts: with_base(pts)[0])
-        return StepOutcome(result.theta.detach().clone(), result.loss, keep["base"])
+    def step(self, index: int, theta: torch.Tensor, oracle: LossOracle) -> StepOutcome:
+        with_base = _WithBase(oracle, theta)
+        result = self.optimizer.step(theta.detach(), with_base)
+        assert with_base.base_text is not None
+        return StepOutcome(result.theta.detach().clone(), result.loss, with_base.base_text)
 
     def state_dict(self) -> dict[str, object]:
         return {"optimizer": self.optimizer.state_dict()}

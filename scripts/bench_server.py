@@ -28,15 +28,12 @@ import io
 import json
 import os
 import platform
-import signal
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -54,6 +51,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from client.server_process import ServerProcess  # noqa: E402
 from server.backends.base import Backend, PromptItem  # noqa: E402
 from server.backends.registry import create_backend  # noqa: E402
 from shared.arrays import encode_array  # noqa: E402
@@ -68,81 +66,21 @@ CLASS_NAMES = ["cat", "dog", "cup of coffee", "rocket", "astronaut", "car", "tre
 
 
 # -- the server subprocess ---------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+class Server(ServerProcess):
+    """`cbbt-server serve` on loopback (client/server_process.py); `key` is None when auth is off."""
 
+    def __init__(self, args: list[str], db: Path, auth: bool, log: Path) -> None:
+        super().__init__(db, auth=auth, extra_args=[*args, "--log-level", "warning"], log_path=log)
+        self.key: str | None = None
 
-@dataclass
-class Server:
-    """`cbbt-server serve` on loopback; `key` is None when auth is off."""
-
-    args: list[str]
-    db: Path
-    auth: bool
-    log: Path
-    port: int = field(default_factory=_free_port)
-    key: str | None = None
-    process: subprocess.Popen[bytes] | None = None
+    def start(self, *, wait: bool = False) -> ServerProcess:
+        """Start without waiting (the in-process model loads meanwhile); `wait_ready` later."""
+        if self.auth and self.key is None:
+            self.key = self.create_key("bench", budget_items=BUDGET)
+        return super().start(wait=wait)
 
     @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def start(self) -> None:
-        env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
-        if self.auth:
-            create = [
-                "keys",
-                "create",
-                "--db",
-                str(self.db),
-                "--name",
-                "bench",
-                "--budget-items",
-                "10" + "0" * 12,
-            ]
-            self.key = subprocess.run(
-                [sys.executable, "-m", "server.cli", *create],
-                cwd=REPO_ROOT,
-                env=env,
-                capture_output=True,
-                text=True,
-                check=True,
-            ).stdout.strip()
-        cmd = [sys.executable, "-m", "server.cli", "serve", "--port", str(self.port), "--db", str(self.db)]
-        cmd += self.args + ([] if self.auth else ["--no-auth"]) + ["--log-level", "warning"]
-        with self.log.open("ab") as log:
-            self.process = subprocess.Popen(
-                cmd, cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-            )
-
-    def wait_ready(self, timeout_s: float = 180.0) -> None:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.process is None or self.process.poll() is not None:
-                raise RuntimeError(f"server exited early; log:\n{self.log.read_text()[-3000:]}")
-            try:
-                if httpx.get(f"{self.url}/ready", timeout=2.0).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.25)
-        raise RuntimeError(f"server not ready in {timeout_s} s; log:\n{self.log.read_text()[-3000:]}")
-
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        self.process = None
-
-    @property
-    def headers(self) -> dict[str, str]:
+    def request_headers(self) -> dict[str, str]:
         base = {"content-type": "application/json"}
         return base | ({"authorization": f"Bearer {self.key}"} if self.key else {})
 
@@ -289,7 +227,7 @@ async def _http_run(
     assert server.process is not None
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     async with httpx.AsyncClient(
-        base_url=server.url, headers=server.headers, timeout=300, limits=limits
+        base_url=server.url, headers=server.request_headers, timeout=300, limits=limits
     ) as client:
 
         async def one() -> None:
@@ -327,7 +265,7 @@ def check_equivalence(server: Server, backend: Backend, traffic: list[Traffic]) 
     prompt = next(t for t in traffic if t.name == "prompt-embeddings")
     body = json.loads(prompt.body)
     response = httpx.post(
-        f"{server.url}{prompt.path}", content=prompt.body, headers=server.headers, timeout=120
+        f"{server.url}{prompt.path}", content=prompt.body, headers=server.request_headers, timeout=120
     ).json()
     from shared.arrays import decode_array
 

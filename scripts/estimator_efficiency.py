@@ -14,22 +14,31 @@ import json
 import sys
 from pathlib import Path
 
+REPO_ROOT = Path(__file__).resolve().parent.parent
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
 
-def curve(run: Path) -> list[dict[str, float]]:
-    return [p for p in json.loads((run / "curve.json").read_text()) if p.get("val_accuracy") is not None]
+from client.report import RunReport  # noqa: E402
+from client.run_folder import BenchFolder, RunFolder  # noqa: E402
+
+
+def curve(run: RunFolder) -> list[dict[str, float]]:
+    return [p for p in json.loads(run.curve.read_text()) if p.get("val_accuracy") is not None]
 
 
 def main(root: Path, shots: int, reference: str, methods: list[str]) -> None:
-    for seed_dir in sorted((root / reference / f"{shots}shot").glob("seed*")):
-        ref = json.loads((seed_dir / "report.json").read_text())
-        target = ref["val_accuracy"]
-        ref_curve = curve(seed_dir)
+    bench = BenchFolder(root)
+    for seed in bench.seeds(reference, shots):
+        ref_run = bench.run(reference, shots, seed)
+        ref = RunReport.load(ref_run)
+        target = ref.val_accuracy
+        ref_curve = curve(ref_run)
         start = ref_curve[0]["items"]
-        ref_items = ref["queries"]["items"] - start
-        line = [f"{seed_dir.name}: {reference} final val {target:.3f} after {ref_items:.0f} prompt items"]
+        ref_items = ref.queries["items"] - start
+        line = [f"seed{seed}: {reference} final val {target:.3f} after {ref_items:.0f} prompt items"]
         for method in methods:
-            run = root / method / f"{shots}shot" / seed_dir.name
-            if not (run / "curve.json").exists():
+            run = bench.run(method, shots, seed)
+            if not run.curve.exists():
                 continue
             points = curve(run)
             reached = next((p for p in points if p["val_accuracy"] >= target), None)

@@ -35,9 +35,7 @@ import json
 import os
 import platform
 import random
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -56,6 +54,7 @@ import httpx  # noqa: E402
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from client.server_process import ServerProcess  # noqa: E402
 from server.store import SqliteStore  # noqa: E402
 from shared.arrays import encode_array  # noqa: E402
 
@@ -68,64 +67,17 @@ MAX_RETRY_AFTER_S = 1.0  # a well-behaved client waits what the server asks, cap
 
 
 # -- the server -------------------------------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+class Server(ServerProcess):
+    """`cbbt-server serve` on loopback (client/server_process.py), plus its memory."""
 
-
-class Server:
     def __init__(self, db: Path, log: Path, model: str, extra: list[str]) -> None:
-        self.db, self.log, self.port = db, log, _free_port()
-        self.args = ["--host", "127.0.0.1", "--port", str(self.port), "--db", str(db)]
-        if model != "default":
-            self.args += ["--model", model, "--pretrained", "none"]
-        self.args += extra
-        self.process: subprocess.Popen[bytes] | None = None
-        self.url = f"http://127.0.0.1:{self.port}"
-
-    def create_key(self, name: str, budget: int) -> str:
-        done = subprocess.run(
-            [
-                *(sys.executable, "-m", "server.cli", "keys", "create", "--db", str(self.db)),
-                *("--name", name, "--budget-items", str(budget)),
-            ],
-            cwd=REPO_ROOT,
-            capture_output=True,
-            text=True,
-            check=True,
+        super().__init__(
+            db,
+            model=None if model == "default" else model,
+            pretrained=None if model == "default" else "none",
+            extra_args=extra,
+            log_path=log,
         )
-        return done.stdout.strip()
-
-    def start(self) -> None:
-        with self.log.open("ab") as sink:
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "server.cli", "serve", *self.args],
-                cwd=REPO_ROOT,
-                stdout=sink,
-                stderr=subprocess.STDOUT,
-                env={**os.environ, "HF_HUB_OFFLINE": "1"},
-            )
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"the server exited ({self.process.returncode}); see {self.log}")
-            try:
-                if httpx.get(f"{self.url}/ready", timeout=2).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.3)
-        raise TimeoutError(f"the server was not ready in time; see {self.log}")
-
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
 
     def rss_mib(self) -> float | None:
         try:
@@ -351,7 +303,7 @@ def run_phase(
     db = workdir / f"{name}.db"
     server = Server(db, workdir / f"{name}.server.log", args.model, extra)
     budgets = {"load": 10**12, "capped": args.capped_budget}
-    keys = {name_: server.create_key(name_, budget) for name_, budget in budgets.items()}
+    keys = {name_: server.create_key(name_, budget_items=budget) for name_, budget in budgets.items()}
     plan = ["capped"] * args.capped_clients + ["load"] * (args.clients - args.capped_clients)
     server.start()
     try:

@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from client.bench import METHODS, parse_define, register_method
 from client.cli import main
+from client.errors import RequestError
+from client.methods import METHODS, parse_define, register_method
 
 METHODS_UNDER_TEST = ("zero-shot", "linear-probe", "tip-adapter", "cbbt-prompt")
 
@@ -101,8 +102,13 @@ def test_define_adds_a_tuner_variant() -> None:
     spec = register_method("cbbt-test-variant", based_on="cbbt", antithetic=True, directions=16)
     try:
         assert spec.kind == "tune"
-        assert spec.overrides == {"method": "cbbt", "antithetic": True, "directions": 16}
-        with pytest.raises(ValueError, match="unknown TuneConfig fields"):
+        assert spec.settings == {
+            "method": "cbbt",
+            "estimator": "faithful",
+            "antithetic": True,
+            "directions": 16,
+        }
+        with pytest.raises(RequestError, match="unknown TuneConfig fields"):
             register_method("bad", based_on="cbbt", no_such_field=1)
     finally:
         METHODS.pop("cbbt-test-variant", None)
@@ -131,6 +137,6 @@ def test_whitebox_forward_matches_the_served_features_and_runs(tmp_path: Path) -
         report = run_coop(backend, cache, split, cfg, tmp_path / "coop")
     finally:
         cache.close()
-    assert report["method"] == "coop-whitebox" and report["white_box"] is True
-    assert report["prompt_steps"] == 2
+    assert report.method == "coop-whitebox" and report.white_box is True
+    assert report.prompt_steps == 2
     assert (tmp_path / "coop" / "report.json").exists()

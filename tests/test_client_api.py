@@ -16,7 +16,15 @@ import httpx
 import numpy as np
 import pytest
 
-from client.api import ApiError, CbbtClient, QueryCounter, QuotaExhausted, RetryPolicy, TransientError
+from client.api import CbbtClient, QueryCounter, RetryPolicy
+from client.errors import (
+    ApiError,
+    CredentialsError,
+    QuotaExhausted,
+    RetryLater,
+    ServerUnreachable,
+    ServiceUnavailable,
+)
 from shared.arrays import decode_array, encode_array
 
 DIM = 4
@@ -155,10 +163,15 @@ def api() -> FakeApi:
 def make_client(api: FakeApi) -> Iterator[Callable[..., CbbtClient]]:
     clients: list[CbbtClient] = []
 
-    def make(**kwargs: object) -> CbbtClient:
+    def make(*, card: bool = True, **kwargs: object) -> CbbtClient:
+        """A client on the fake; with `card`, it has read the model card (and its request
+        limits) already, as every run does first, so scripted faults hit the next call."""
         kwargs.setdefault("retry", FAST)
         client = CbbtClient("http://fake", "sk-test", transport=httpx.MockTransport(api), **kwargs)  # type: ignore[arg-type]
         clients.append(client)
+        if card:
+            client.model_card()
+            api.attempts.clear()
         return client
 
     yield make
@@ -197,7 +210,7 @@ def texts(client: CbbtClient, n: int = 2, key: str | None = None) -> np.ndarray:
 def test_transient_failures_are_retried_and_counted_once(
     api: FakeApi, make_client: Callable[..., CbbtClient], sleeps: list[float], fault: Fault
 ) -> None:
-    client = make_client()
+    client = make_client()  # mid-run: the server has answered (a refused connection is then a restart)
     api.fail(fault, fault)
     out = texts(client, 3)
     assert out.shape == (3, DIM)
@@ -270,15 +283,43 @@ def test_gives_up_after_max_attempts_with_the_last_error(
 ) -> None:
     client = make_client(retry=RetryPolicy(max_attempts=3, backoff_initial_s=0.001, backoff_max_s=0.001))
     api.fail(*[(503, "overloaded", {})] * 10)
-    with pytest.raises(TransientError):
+    with pytest.raises(ServiceUnavailable, match="503 overloaded") as info:
         texts(client)
+    assert isinstance(info.value, RetryLater) and "after 3 attempt(s)" in str(info.value)
     assert len(api.posts()) == 3
     assert client.counter.calls == 0 and client.counter.items == 0
 
     api.faults.clear()
     api.fail(*[httpx.ConnectError("refused")] * 10)
-    with pytest.raises(httpx.ConnectError):
+    with pytest.raises(ServerUnreachable, match="no cbbt server at http://fake"):
         texts(client)
+    assert len(api.posts()) == 6  # mid-run, a refused connection is retried (a restarting server)
+
+    api.faults.clear()
+    api.fail(*[httpx.ReadError("reset")] * 10)
+    with pytest.raises(ServiceUnavailable, match="ReadError"):
+        texts(client)
+
+
+def test_the_retries_of_one_call_end_within_the_total_time_bound(
+    api: FakeApi, make_client: Callable[..., CbbtClient], sleeps: list[float]
+) -> None:
+    # Each wait is 1 s (Retry-After); with a 2.5 s bound the third wait would end past it.
+    client = make_client(retry=RetryPolicy(max_attempts=100, max_total_s=2.5, backoff_max_s=1.0))
+    api.fail(*[(429, "rate_limit_exceeded", {"retry-after": "1"})] * 100)
+    with pytest.raises(ServiceUnavailable, match="rate_limit_exceeded"):
+        texts(client)
+    assert 1 <= len(sleeps) <= 3 and sum(sleeps) <= 2.5
+
+
+def test_a_refused_connection_at_the_first_call_fails_at_once(
+    api: FakeApi, make_client: Callable[..., CbbtClient], sleeps: list[float]
+) -> None:
+    client = make_client(card=False)
+    api.fail(httpx.ConnectError("[Errno 111] Connection refused"))
+    with pytest.raises(ServerUnreachable, match="no cbbt server at http://fake"):
+        client.model_card()
+    assert len(api.attempts) == 1 and sleeps == []
 
 
 # -- never retried --------------------------------------------------------------------------
@@ -331,6 +372,7 @@ def test_other_errors_raise_api_error_without_retry(
     assert not isinstance(info.value, QuotaExhausted)
     assert isinstance(fault, tuple)
     assert info.value.status == fault[0] and info.value.code == fault[1]
+    assert isinstance(info.value, CredentialsError) == (fault[0] in (401, 403))
     assert len(api.posts()) == 1 and sleeps == []
     assert client.counter.calls == 0 and client.counter.retries == 0
 
@@ -379,7 +421,7 @@ def test_a_caller_given_key_is_used_as_is(
 def test_gets_carry_no_idempotency_key_and_are_not_counted(
     api: FakeApi, make_client: Callable[..., CbbtClient], sleeps: list[float]
 ) -> None:
-    client = make_client()
+    client = make_client(card=False)
     api.fail((503, "overloaded", {}))
     card = client.model_card()
     usage = client.usage()
@@ -391,6 +433,46 @@ def test_gets_carry_no_idempotency_key_and_are_not_counted(
     assert client.counter.calls == 0 and client.counter.items == 0
     client.model_card()  # cached: no second request
     assert len(api.attempts) == 3
+
+
+@pytest.mark.parametrize("base", ["http://fake", "http://fake/", "http://fake/v1", "http://fake/v1/"])
+def test_the_base_url_works_with_or_without_v1(api: FakeApi, base: str) -> None:
+    with CbbtClient(base, "sk", transport=httpx.MockTransport(api), retry=FAST) as client:
+        assert client.model_card().id == "fake-model"
+    assert [a.path for a in api.attempts] == ["/v1/models"]
+
+
+def test_requests_are_split_by_the_limits_the_server_advertises(
+    api: FakeApi, make_client: Callable[..., CbbtClient], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    limits = {
+        "max_items_per_request": 4, "max_body_bytes": 10_000_000, "max_image_bytes": 1_000_000,
+        "max_image_pixels": 10_000_000, "max_text_chars": 100, "max_class_name_chars": 50,
+    }  # fmt: skip
+    monkeypatch.setitem(CARD, "limits", limits)
+    client = make_client()  # no max_items_per_request: the card's limits decide
+    assert client.max_items_per_request == 4
+    client.prompt_embeddings(np.zeros((5, 1, WIDTH), np.float32), ["a", "b"], idempotency_key="k")
+    assert [len(p.body["prompts"]) for p in api.posts() if p.body] == [2, 2, 1]  # type: ignore[arg-type]
+    client.embed_images([b"\x89PNG x"] * 10, idempotency_key="img")
+    image_posts = [p for p in api.posts() if p.path == "/v1/embeddings"]
+    assert [len(p.body["input"]) for p in image_posts if p.body] == [4, 4, 2]  # type: ignore[arg-type]
+    assert [p.idempotency_key for p in image_posts] == ["img/0", "img/1", "img/2"]
+
+
+def test_image_requests_stay_under_the_advertised_body_size(
+    api: FakeApi, make_client: Callable[..., CbbtClient], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    limits = {
+        "max_items_per_request": 4096, "max_body_bytes": 3000, "max_image_bytes": 1_000_000,
+        "max_image_pixels": 10_000_000, "max_text_chars": 100, "max_class_name_chars": 50,
+    }  # fmt: skip
+    monkeypatch.setitem(CARD, "limits", limits)
+    client = make_client()
+    out = client.embed_images([b"\x89PNG" + bytes(600)] * 9)  # ~830 bytes of data URI each
+    assert out.shape == (9, DIM)
+    sizes = [len(p.body["input"]) for p in api.posts() if p.body]  # type: ignore[arg-type]
+    assert sum(sizes) == 9 and max(sizes) <= 3 and len(sizes) >= 3
 
 
 def test_the_api_key_is_sent_as_a_bearer_token(api: FakeApi, make_client: Callable[..., CbbtClient]) -> None:

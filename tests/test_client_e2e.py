@@ -34,7 +34,7 @@ from client.api import CbbtClient
 from client.artifact import TENSORS_FILE
 from client.cli import main as cbbt
 from client.data import load_dataset
-from client.train import CHECKPOINT_FILE
+from client.run_folder import RunFolder
 from shared.schemas import UsageReport
 from tests.helpers import REPO_ROOT, ServerProcess
 
@@ -232,7 +232,7 @@ def _subprocess_env() -> dict[str, str]:
 
 def _checkpoint_step(out: Path) -> int:
     try:
-        return int(torch.load(out / CHECKPOINT_FILE, weights_only=True)["step"])
+        return int(torch.load(RunFolder(out).checkpoint, weights_only=True)["step"])
     except (FileNotFoundError, RuntimeError, EOFError):
         return -1
 
@@ -338,4 +338,54 @@ def test_the_fast_estimator_runs_end_to_end(tiny_server: ServerProcess, tmp_path
     assert report["queries"]["loss_evaluations"] == 1 + 9 * report["prompt_steps"]
     assert report["prompt_steps"] == report["plan"]["steps"] > 0
     assert report["queries"]["items"] <= 1200
+    assert_ledger_matches(report, ledger(tiny_server, key))
+
+
+# -- one registry: tune runs any method the bench runs, and a new feature method plugs in -----
+
+
+def test_tune_runs_a_feature_method_of_the_registry(tiny_server: ServerProcess, tmp_path: Path) -> None:
+    key = new_key(tiny_server)
+    argv = tune_argv(
+        tiny_server, key, tmp_path / "cache", tmp_path / "run", *TINY_DATA, "--method", "tip-adapter"
+    )
+    assert cbbt([*argv, "--budget", "1000"]) == 0
+    report = read_report(tmp_path / "run")
+    assert report["method"] == "tip-adapter" and set(report["selected"]) == {"alpha", "beta"}
+    # 40 training views, 40 val and 50 test images, then the template's 10 class texts.
+    assert report["queries"]["items"] == 130 + 10 and report["queries"]["calls"] == 3 + 1
+    assert_ledger_matches(report, ledger(tiny_server, key))
+
+
+def test_a_new_feature_method_is_a_fit_function_and_a_registry_entry(
+    tiny_server: ServerProcess, tmp_path: Path
+) -> None:
+    """The extension point docs/architecture.md describes, end to end through the CLI."""
+    from client.feature_methods import FITS, FeatureConfig, FeatureData, Fit
+    from client.methods import METHODS, MethodSpec
+    from client.model import score
+
+    def fit_class_means(cfg: FeatureConfig, data: FeatureData) -> Fit:
+        x, y = data.flat_train
+        means = torch.stack([x[y == c].mean(0) for c in range(data.classes)])
+        best = None
+        for blend in (0.0, 0.5, 1.0):  # its hyperparameter, selected on validation
+            weights = torch.nn.functional.normalize(blend * means + (1 - blend) * data.text, dim=-1)
+            acc, loss = score(data.scale * data.val @ weights.T, data.val_labels)
+            if best is None or (acc, -loss) > (best.val_accuracy, -best.val_loss):
+                best = Fit(lambda f, w=weights: data.scale * f @ w.T, acc, loss, {"blend": blend})
+        assert best is not None
+        return best
+
+    FITS["class-means"] = fit_class_means
+    METHODS["class-means"] = MethodSpec("class-means", "feature", {"method": "class-means"})
+    try:
+        key = new_key(tiny_server)
+        argv = tune_argv(tiny_server, key, tmp_path / "cache", tmp_path / "run", *TINY_DATA)
+        assert cbbt([*argv, "--method", "class-means"]) == 0
+    finally:
+        FITS.pop("class-means")
+        METHODS.pop("class-means")
+    report = read_report(tmp_path / "run")
+    assert report["method"] == "class-means" and report["selected"]["blend"] in (0.0, 0.5, 1.0)
     assert_ledger_matches(report, ledger(tiny_server, key))

@@ -31,6 +31,7 @@ from client.steppers import (
     make_stepper,
     points_per_step,
 )
+from client.tune_config import TuneConfig
 
 # -- the plan -------------------------------------------------------------------------------
 
@@ -416,12 +417,13 @@ class QuadraticOracle:
 
     target: torch.Tensor
     calls: list[int] = field(default_factory=list)
+    text_features: torch.Tensor | None = None  # the last call's, as client.oracle.LossOracle
 
-    def __call__(self, points: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(self, points: torch.Tensor) -> torch.Tensor:
         self.calls.append(points.shape[0])
         flat = points.reshape(points.shape[0], -1).float()
-        losses = ((flat - self.target.reshape(1, -1)) ** 2).sum(dim=1)
-        return losses, self.texts(flat)
+        self.text_features = self.texts(flat)
+        return ((flat - self.target.reshape(1, -1)) ** 2).sum(dim=1)
 
     @staticmethod
     def texts(flat: torch.Tensor) -> torch.Tensor:
@@ -503,10 +505,12 @@ def test_baseline_appends_the_base_point_last_and_hides_it_from_the_optimiser() 
     theta = torch.linspace(-1, 1, 6).reshape(SHAPE)
     seen: list[torch.Tensor] = []
 
-    def oracle(points: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        seen.append(points.clone())
-        return QuadraticOracle(torch.zeros(6))(points)
+    class Recording(QuadraticOracle):
+        def __call__(self, points: torch.Tensor) -> torch.Tensor:
+            seen.append(points.clone())
+            return super().__call__(points)
 
+    oracle = Recording(torch.zeros(6))
     stepper = _stepper("spsa-gc", theta)
     stepper.step(0, theta, oracle)
     assert len(seen) == 1
@@ -515,16 +519,35 @@ def test_baseline_appends_the_base_point_last_and_hides_it_from_the_optimiser() 
 
 
 def test_each_method_gets_its_benchmarked_default_estimator() -> None:
-    from client.cli import build_parser, tune_config
+    from client.methods import method, tune_config_for
 
-    def config(*extra: str) -> object:
-        return tune_config(build_parser().parse_args(["tune", "--data", "digits", "--out", "x", *extra]))
+    def config(name: str = "cbbt", **flags: object) -> TuneConfig:
+        return tune_config_for(method(name), flags, {"shots": 4, "seed": 1})
 
-    assert config().estimator == "faithful"  # type: ignore[attr-defined]
-    prompt_only = config("--method", "cbbt-prompt")
-    assert prompt_only.estimator == "fast" and prompt_only.batch_size == 0  # type: ignore[attr-defined]
-    explicit = config("--method", "cbbt-prompt", "--estimator", "faithful", "--directions", "8")
-    assert explicit.estimator == "faithful" and explicit.directions == 8  # type: ignore[attr-defined]
+    assert config().estimator == "faithful"
+    prompt_only = config("cbbt-prompt")
+    assert prompt_only.estimator == "fast" and prompt_only.batch_size == 0
+    explicit = config("cbbt-prompt", estimator="faithful", directions=8)
+    assert explicit.estimator == "faithful" and explicit.directions == 8 and explicit.batch_size == 32
+    assert config("cbbt-faithful-prompt").estimator == "faithful"
+    # A method's own settings beat its preset's; the flags the user typed beat both.
+    residual = config("cbbt-fast-residual")
+    assert residual.adapter == "residual" and residual.directions == 4
+    assert config("cmaes-prompt", optimizer="zip").optimizer == "zip"
+
+
+def test_tune_and_bench_resolve_a_method_name_to_the_same_config(tmp_path: Path) -> None:
+    """`cbbt tune --method X` and `cbbt bench --methods X` build X's config in one place."""
+    from client.cli import _flags, build_parser
+    from client.methods import method, tune_config_for
+
+    argv = ["--data", "digits", "--directions", "8", "--views", "1", "--budget", "900"]
+    tune_args = build_parser().parse_args(["tune", "--out", "x", "--method", "cbbt-prompt", *argv])
+    bench_args = build_parser().parse_args(["bench", "--methods", "cbbt-prompt", *argv])
+    run = {"shots": 16, "seed": 1, "views": 1, "budget": 900}
+    from_tune = tune_config_for(method(tune_args.method), _flags(tune_args), run)
+    from_bench = tune_config_for(method(bench_args.methods[0]), _flags(bench_args), run)
+    assert from_tune == from_bench and from_tune.estimator == "fast" and from_tune.directions == 8
 
 
 def test_the_cli_reports_bad_input_in_one_line_and_exits_2(tmp_path: Path) -> None:

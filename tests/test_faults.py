@@ -47,7 +47,7 @@ from starlette.testclient import TestClient
 
 from client.artifact import TENSORS_FILE
 from client.cli import main as cbbt
-from client.train import CHECKPOINT_FILE
+from client.run_folder import RunFolder
 from server.app import create_app
 from server.backends.base import Backend
 from server.backends.registry import create_backend
@@ -113,7 +113,7 @@ def _tail(path: Path, chars: int = 4000) -> str:
 
 def _checkpoint_step(out: Path) -> int:
     try:
-        return int(torch.load(out / CHECKPOINT_FILE, weights_only=True)["step"])
+        return int(torch.load(RunFolder(out).checkpoint, weights_only=True)["step"])
     except (FileNotFoundError, RuntimeError, EOFError, KeyError):
         return -1
 

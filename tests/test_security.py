@@ -32,7 +32,8 @@ from starlette.testclient import TestClient
 
 import client.train as train_module
 from client.artifact import Artifact, load_artifact, save_artifact
-from client.train import CHECKPOINT_FILE, Tuner
+from client.run_folder import RunFolder
+from client.train import read_checkpoint
 from server.app import create_app
 from server.settings import ServerSettings
 from server.store import SqliteStore
@@ -229,14 +230,13 @@ class _Payload:
 
 def test_a_malicious_checkpoint_is_refused_before_its_code_runs(tmp_path: Path) -> None:
     marker = tmp_path / "pwned"
-    torch.save({"step": 3, "theta": torch.zeros(2), "evil": _Payload(marker)}, tmp_path / CHECKPOINT_FILE)
-    tuner = Tuner.__new__(Tuner)  # only the checkpoint path matters to _load_checkpoint's first line
-    tuner.out_dir = tmp_path
+    checkpoint = RunFolder(tmp_path).checkpoint
+    torch.save({"step": 3, "theta": torch.zeros(2), "evil": _Payload(marker)}, checkpoint)
     with pytest.raises(pickle.UnpicklingError):
-        tuner._load_checkpoint(None)  # type: ignore[arg-type]
+        read_checkpoint(checkpoint)  # what Tuner._load_checkpoint loads with
     assert not marker.exists()
     # The payload is live: loading it the unsafe way runs it (which is why the client never does).
-    torch.load(tmp_path / CHECKPOINT_FILE, weights_only=False)
+    torch.load(checkpoint, weights_only=False)
     assert marker.exists()
     assert "weights_only=True" in Path(train_module.__file__).read_text()
 

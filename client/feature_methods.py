@@ -1,4 +1,4 @@
-"""Zero-prompt-query baselines on the service's features (method.md §5: LFA, Tip-Adapter, probes).
+"""Feature methods: zero-prompt-query baselines on the service's features (method.md §5).
 
 These methods never tune a prompt. They pay, through the same `CbbtClient` and the same
 `QueryCounter` as the tuner, for what they use from the API:
@@ -24,9 +24,12 @@ chosen on the validation split only; the test split is scored once, at the end.
   training views (Tip-Adapter-F's recipe: lr 1e-3, cosine decay, 20 epochs), the epoch picked on
   validation, then α, β searched on validation again.
 
-`run_feature_baseline` returns the same report fields as `Tuner` (`val_accuracy`,
-`test_accuracy`, `zero_shot_test_accuracy`, `queries`, `wall_seconds`, ...) and writes
-`report.json` and `curve.json` (validation accuracy against items) into its output folder.
+A feature method is a fit function, `fit(cfg, data) -> Fit`: it sees the cached features
+(`FeatureData`: training views and labels, validation, the template's class text features,
+the logit scale), selects its own hyperparameters on validation with `better`, and returns a
+classifier (image features -> logits). Adding one = a fit function here, an entry in `FITS`,
+and a `MethodSpec` in client/methods.py. `run_feature_method` does the rest (features and text
+through the API, counted; the test split scored once; the same `RunReport` as the tuner).
 """
 
 from __future__ import annotations
@@ -35,30 +38,22 @@ import logging
 import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from dataclasses import asdict, dataclass, field, fields
 
 import torch
 import torch.nn.functional as F
 
 from client.adapters import AlphaBetaSearch, LinearProbe, TipAdapter, clip_logits, search_alpha_beta
-from client.api import CbbtClient
-from client.data import Example, FewShotSplit
-from client.features import FeatureStore
-from client.plan import BudgetTooSmall
-from client.report import write_report
+from client.errors import BudgetTooSmall, RequestError
+from client.model import score
+from client.report import RunReport, finish_report
+from client.run_context import RunContext, SplitFeatures
+from client.selection import better, curve_point
 
 logger = logging.getLogger(__name__)
 
-__all__ = [
-    "DEFAULT_TEMPLATE",
-    "FEATURE_METHODS",
-    "FeatureConfig",
-    "FeatureData",
-    "run_feature_baseline",
-]
+__all__ = ["DEFAULT_TEMPLATE", "FITS", "FeatureConfig", "FeatureData", "Fit", "FitFn", "run_feature_method"]
 
-FEATURE_METHODS: tuple[str, ...] = ("linear-probe", "lfa", "tip-adapter", "tip-adapter-f")
 DEFAULT_TEMPLATE = "a photo of a {}."
 
 
@@ -91,28 +86,17 @@ class FeatureConfig:
     tip_batch_size: int = 256
     extra: dict[str, object] = field(default_factory=dict)  # free-form notes kept in the report
 
-    def __post_init__(self) -> None:
-        if self.method not in FEATURE_METHODS:
-            raise ValueError(f"unknown feature method {self.method!r}; one of {', '.join(FEATURE_METHODS)}")
-
 
 @dataclass
-class FeatureData:
-    """Features as tensors: train [N, V, D], val [Nv, D], test [Nt, D], class texts [C, D]."""
+class FeatureData(SplitFeatures):
+    """The split's features plus the template's class text features [C, D] and the logit scale."""
 
-    train: torch.Tensor
-    train_labels: torch.Tensor
-    val: torch.Tensor
-    val_labels: torch.Tensor
-    test: torch.Tensor
-    test_labels: torch.Tensor
     text: torch.Tensor
+    scale: float
 
     @property
-    def flat_train(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Every cached view as its own training sample: [N·V, D] and [N·V]."""
-        n, views, dim = self.train.shape
-        return self.train.reshape(n * views, dim), self.train_labels.repeat_interleave(views)
+    def classes(self) -> int:
+        return int(self.text.shape[0])
 
 
 # A fitted classifier: image features [N, D] -> logits [N, C].
@@ -127,13 +111,8 @@ class Fit:
     selected: dict[str, object]
 
 
-def _score(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, float]:
-    return float((logits.argmax(-1) == labels).float().mean()), float(F.cross_entropy(logits, labels))
-
-
-def _better(candidate: tuple[float, float], best: tuple[float, float]) -> bool:
-    """Validation accuracy first, validation loss as the tie-break (as the tuner selects)."""
-    return (candidate[0], -candidate[1]) > (best[0], -best[1])
+# A feature method: (its config, the cached features) -> a classifier selected on validation.
+FitFn = Callable[["FeatureConfig", FeatureData], Fit]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -142,14 +121,15 @@ def _better(candidate: tuple[float, float], best: tuple[float, float]) -> bool:
 
 
 @torch.no_grad()
-def fit_linear_probe(cfg: FeatureConfig, data: FeatureData, classes: int) -> Fit:
+def fit_linear_probe(cfg: FeatureConfig, data: FeatureData) -> Fit:
     x, y = data.flat_train
+    classes = data.classes
     best: Fit | None = None
     for weight_decay in cfg.probe_weight_decays:
         probe = LinearProbe(x.shape[1], classes, weight_decay=weight_decay).fit(x, y)
-        acc, loss = _score(probe.predict_logits(data.val), data.val_labels)
+        acc, loss = score(probe.predict_logits(data.val), data.val_labels)
         logger.debug("linear probe wd=%g: val %.4f", weight_decay, acc)
-        if best is None or _better((acc, loss), (best.val_accuracy, best.val_loss)):
+        if best is None or better((acc, loss), (best.val_accuracy, best.val_loss)):
             best = Fit(probe.predict_logits, acc, loss, {"weight_decay": weight_decay})
     assert best is not None
     return best
@@ -161,7 +141,8 @@ def procrustes(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return (u @ vh).float()
 
 
-def fit_lfa(cfg: FeatureConfig, data: FeatureData, scale: float, seed: int) -> Fit:
+def fit_lfa(cfg: FeatureConfig, data: FeatureData) -> Fit:
+    scale, seed = data.scale, cfg.seed
     x, y = data.flat_train
     x = F.normalize(x, dim=-1)
     text = F.normalize(data.text, dim=-1)
@@ -173,12 +154,12 @@ def fit_lfa(cfg: FeatureConfig, data: FeatureData, scale: float, seed: int) -> F
         return clip_logits(F.normalize(feats, dim=-1) @ w, text, scale)
 
     # 1. β-Procrustes: the shrinkage toward the identity, on validation.
-    best_s, best_score = 0.0, _score(logits(eye, data.val), data.val_labels)  # s = 0: zero-shot
+    best_s, best_score = 0.0, score(logits(eye, data.val), data.val_labels)  # s = 0: zero-shot
     with torch.no_grad():
         for s in cfg.lfa_shrinks:
-            score = _score(logits(eye + s * (w0 - eye), data.val), data.val_labels)
-            if _better(score, best_score):
-                best_s, best_score = s, score
+            candidate = score(logits(eye + s * (w0 - eye), data.val), data.val_labels)
+            if better(candidate, best_score):
+                best_s, best_score = s, candidate
     w_init = eye + best_s * (w0 - eye)
 
     # 2. A short refinement by exact local gradients, the step picked on validation.
@@ -194,9 +175,9 @@ def fit_lfa(cfg: FeatureConfig, data: FeatureData, scale: float, seed: int) -> F
             opt.step()
         if step % cfg.lfa_eval_every == 0 or step == cfg.lfa_steps:
             with torch.no_grad():
-                score = _score(logits(w, data.val), data.val_labels)
-            if _better(score, best_score):
-                best_score, best_w, best_step = score, w.detach().clone(), step
+                candidate = score(logits(w, data.val), data.val_labels)
+            if better(candidate, best_score):
+                best_score, best_w, best_step = candidate, w.detach().clone(), step
     final = best_w
     return Fit(
         lambda feats: logits(final, feats),
@@ -233,17 +214,19 @@ def _search(
 
 
 @torch.no_grad()
-def fit_tip_adapter(cfg: FeatureConfig, data: FeatureData, classes: int, scale: float) -> Fit:
-    adapter = _tip_cache(data, classes, trainable=False)
+def fit_tip_adapter(cfg: FeatureConfig, data: FeatureData) -> Fit:
+    scale = data.scale
+    adapter = _tip_cache(data, data.classes, trainable=False)
     found = _search(cfg, adapter, data, clip_logits(data.val, data.text, scale))
     adapter.alpha, adapter.beta = found.alpha, found.beta
     classify = _tip_classifier(adapter, data.text, scale)
-    acc, loss = _score(classify(data.val), data.val_labels)
+    acc, loss = score(classify(data.val), data.val_labels)
     return Fit(classify, acc, loss, {"alpha": found.alpha, "beta": found.beta})
 
 
-def fit_tip_adapter_f(cfg: FeatureConfig, data: FeatureData, classes: int, scale: float, seed: int) -> Fit:
-    adapter = _tip_cache(data, classes, trainable=True)
+def fit_tip_adapter_f(cfg: FeatureConfig, data: FeatureData) -> Fit:
+    scale, seed = data.scale, cfg.seed
+    adapter = _tip_cache(data, data.classes, trainable=True)
     val_zero = clip_logits(data.val, data.text, scale)
     start = _search(cfg, adapter, data, val_zero)
     adapter.alpha, adapter.beta = start.alpha, start.beta
@@ -256,7 +239,7 @@ def fit_tip_adapter_f(cfg: FeatureConfig, data: FeatureData, classes: int, scale
     best_keys = adapter.keys.detach().clone()
     best_epoch = 0
     with torch.no_grad():
-        best_score = _score(adapter(data.val, val_zero), data.val_labels)
+        best_score = score(adapter(data.val, val_zero), data.val_labels)
     for epoch in range(1, cfg.tip_epochs + 1):
         order = torch.randperm(x.shape[0], generator=generator)
         for start_at in range(0, x.shape[0], cfg.tip_batch_size):
@@ -268,15 +251,15 @@ def fit_tip_adapter_f(cfg: FeatureConfig, data: FeatureData, classes: int, scale
                 opt.step()
             sched.step()
         with torch.no_grad():
-            score = _score(adapter(data.val, val_zero), data.val_labels)
-        if _better(score, best_score):
-            best_score, best_keys, best_epoch = score, adapter.keys.detach().clone(), epoch
+            candidate = score(adapter(data.val, val_zero), data.val_labels)
+        if better(candidate, best_score):
+            best_score, best_keys, best_epoch = candidate, adapter.keys.detach().clone(), epoch
     with torch.no_grad():
         adapter.keys.copy_(best_keys)
     found = _search(cfg, adapter, data, val_zero)
     adapter.alpha, adapter.beta = found.alpha, found.beta
     classify = _tip_classifier(adapter, data.text, scale)
-    val_acc, val_loss = _score(classify(data.val), data.val_labels)
+    val_acc, val_loss = score(classify(data.val), data.val_labels)
     return Fit(
         classify,
         val_acc,
@@ -285,94 +268,76 @@ def fit_tip_adapter_f(cfg: FeatureConfig, data: FeatureData, classes: int, scale
     )
 
 
+FITS: dict[str, FitFn] = {
+    "linear-probe": fit_linear_probe,
+    "lfa": fit_lfa,
+    "tip-adapter": fit_tip_adapter,
+    "tip-adapter-f": fit_tip_adapter_f,
+}
+
+
 # ---------------------------------------------------------------------------------------------
-# The run: features and text through the API (counted), fit locally, test once.
+# The run: setup (features and text through the API, counted) -> fit (selects on validation)
+# -> finish (test once, report).
 # ---------------------------------------------------------------------------------------------
 
 
-def _labels(examples: list[Example]) -> torch.Tensor:
-    return torch.tensor([e.label for e in examples], dtype=torch.long)
-
-
-def feature_items_needed(features: FeatureStore, split: FewShotSplit, views: int) -> int:
-    """Image features this run would pay for now (the cached ones are free)."""
-    return features.missing_count(split.train, views) + features.missing_count(split.val + split.test, 1)
-
-
-def run_feature_baseline(
-    client: CbbtClient, features: FeatureStore, split: FewShotSplit, cfg: FeatureConfig, out_dir: Path
-) -> dict[str, object]:
+def run_feature_method(ctx: RunContext, cfg: FeatureConfig) -> RunReport:
     started = time.time()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    card = client.model_card()
+    api, split = ctx.api, ctx.split
+    fit_fn = FITS.get(cfg.method)
+    if fit_fn is None:
+        raise RequestError(f"unknown feature method {cfg.method!r}; one of {', '.join(FITS)}")
+    ctx.folder.create()
+    card = api.model_card()
     classes = list(split.class_names)
     # As the tuner does, the budget counts image features at full price, cached or not, so
     # the check does not depend on what other runs left in the cache.
-    full_price = features.item_count(split.train, cfg.views) + features.item_count(split.val + split.test, 1)
+    full_price = ctx.feature_items(cfg.views)
     fixed = full_price + len(classes)
     if cfg.budget is not None and fixed > cfg.budget:
         raise BudgetTooSmall(
             f"a budget of {cfg.budget} items cannot pay for the image features and the class texts "
-            f"({full_price} + {len(classes)} = {fixed} items)"
+            f"({full_price} + {len(classes)} = {fixed} items); "
+            "raise --budget or lower --views/--test-per-class"
         )
-    feature_items = feature_items_needed(features, split, cfg.views)  # what this run pays
-    counter = client.counter
-    train = torch.from_numpy(features.features(split.train, cfg.views))
-    val = torch.from_numpy(features.features(split.val, 1))[:, 0]
-    test = torch.from_numpy(features.features(split.test, 1))[:, 0]
+    missing = ctx.feature_items(cfg.views, missing=True)  # what this run pays for
+    counter = api.counter
+    if ctx.on_plan is not None:
+        ctx.on_plan(f"features: {full_price} items ({missing} not cached); class texts: {len(classes)} items")
+    images = ctx.fetch_features(cfg.views)
     texts = [cfg.template.format(name) for name in classes]
-    text = torch.from_numpy(client.embed_texts(texts))
+    text = torch.from_numpy(api.embed_texts(texts))
     counter.loss_evaluations += 1  # one "prompt evaluation": the template for all C classes
-    data = FeatureData(train, _labels(split.train), val, _labels(split.val), test, _labels(split.test), text)
     scale = card.logit_scale
+    data = FeatureData(**{f.name: getattr(images, f.name) for f in fields(images)}, text=text, scale=scale)
 
-    zero_val, _ = _score(clip_logits(data.val, text, scale), data.val_labels)
-    zero_test, _ = _score(clip_logits(data.test, text, scale), data.test_labels)
+    zero_val, _ = score(clip_logits(data.val, text, scale), data.val_labels)
+    zero_test, _ = score(clip_logits(data.test, text, scale), data.test_labels)
     logger.info("%s: zero-shot (template) val %.3f, test %.3f", cfg.method, zero_val, zero_test)
 
-    if cfg.method == "linear-probe":
-        fit = fit_linear_probe(cfg, data, len(classes))
-    elif cfg.method == "lfa":
-        fit = fit_lfa(cfg, data, scale, cfg.seed)
-    elif cfg.method == "tip-adapter":
-        fit = fit_tip_adapter(cfg, data, len(classes), scale)
-    else:
-        fit = fit_tip_adapter_f(cfg, data, len(classes), scale, cfg.seed)
+    fit = fit_fn(cfg, data)
     with torch.no_grad():
-        test_accuracy, _ = _score(fit.classifier(data.test), data.test_labels)
+        test_accuracy, _ = score(fit.classifier(data.test), data.test_labels)
     logger.info(
         "%s: val %.4f, test %.4f (zero-shot %.4f), items %d, selected %s",
-        cfg.method,
-        fit.val_accuracy,
-        test_accuracy,
-        zero_test,
-        counter.items,
-        fit.selected,
-    )
-    items = float(counter.items)
-    point = {"calls": float(counter.calls), "loss_evaluations": float(counter.loss_evaluations)}
+        cfg.method, fit.val_accuracy, test_accuracy, zero_test, counter.items, fit.selected,
+    )  # fmt: skip
     curve = [
-        {"step": 0.0, "val_accuracy": zero_val, "train_loss": math.nan, "items": items, **point},
-        {"step": 1.0, "val_accuracy": fit.val_accuracy, "train_loss": math.nan, "items": items, **point},
+        curve_point(0, zero_val, math.nan, counter),
+        curve_point(1, fit.val_accuracy, math.nan, counter),
     ]
-    report: dict[str, object] = {
-        "method": cfg.method,
-        "shots": split.shots,
-        "seed": cfg.seed,
-        "model": card.id,
-        "classes": len(classes),
-        "zero_shot_val_accuracy": zero_val,
-        "zero_shot_test_accuracy": zero_test,
-        "val_accuracy": fit.val_accuracy,
-        "val_loss": fit.val_loss,
-        "test_accuracy": test_accuracy,
-        "selected": fit.selected,
-        "queries": counter.as_dict(),
-        "feature_items_charged": feature_items,
-        "budget": cfg.budget,
-        "test_images": int(data.test.shape[0]),
-        "wall_seconds": time.time() - started,
-        "config": asdict(cfg),
-    }
-    write_report(report, curve, out_dir)
-    return report
+    return finish_report(
+        ctx.folder,
+        curve,
+        method=ctx.name,
+        split=split,
+        card=card,
+        counter=counter,
+        scores=(zero_val, zero_test, fit.val_accuracy, fit.val_loss, test_accuracy),
+        feature_items_charged=missing,
+        started=started,
+        selected=fit.selected,
+        budget=cfg.budget,
+        config=asdict(cfg),
+    )
