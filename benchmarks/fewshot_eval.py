@@ -38,6 +38,7 @@ PRIOR_SETS: dict[str, tuple[str, ...]] = {
     "single": ("single",),
     "openai80": ("openai80",),
     "all": ("single", "simple7", "openai80"),
+    "default": ("single", "openai80"),  # what fewshot-cv uses
 }
 
 

@@ -80,6 +80,15 @@ METHODS: dict[str, MethodSpec] = _specs(
                "training-free cache model, alpha/beta on val"),
     MethodSpec("tip-adapter-f", "feature", {"method": "tip-adapter-f"}, _NEEDS_FEATURES,
                "cache keys fine-tuned locally, epoch and alpha/beta on val"),
+    # client/fewshot: cross-validated over all labelled shots, on the 80-template ensemble;
+    # one view per image (extra views bought nothing measurable: docs/benchmarks.md).
+    MethodSpec("fewshot-cv", "feature", {"method": "fewshot-cv", "views": 1, "template_set": "openai80"},
+               _NEEDS_FEATURES, "k-fold CV over all shots chooses among zero-shot, GDA, CLAP probe, "
+               "linear probe, Tip cache (or an ensemble of the top ones), on an 80-template ensemble"),
+    MethodSpec("gda", "feature", {"method": "gda", "views": 1, "template_set": "openai80"}, _NEEDS_FEATURES,
+               "GDA (shared shrunk covariance) fused with zero-shot; shrinkage and weight by CV"),
+    MethodSpec("clap", "feature", {"method": "clap", "views": 1, "template_set": "openai80"}, _NEEDS_FEATURES,
+               "CLAP-style probe anchored to the text features; penalty by CV"),
     MethodSpec("adapter", "tune", {"method": "adapter"}, _NEEDS_ONE_PROMPT,
                "CLIP-Adapter residual MLP alone on the 'a {class}.' text features"),
     # The estimator benchmark's winners (docs/benchmarks.md, "Estimator"): for the prompt alone

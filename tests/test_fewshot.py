@@ -254,3 +254,33 @@ def test_grids_are_complete() -> None:
     assert len(Gda(shrinkages=(0.1, 0.5), alphas=(1.0, float("inf"))).fit(ctx)) == 4
     assert len(TipCache(alphas=(1.0,), betas=(1.0, 2.0)).fit(ctx)) == 2
     assert len(AnchoredLinearProbe(strengths=(0.1,)).fit(ctx)) == 1
+
+
+def test_the_feature_method_never_reads_the_test_split() -> None:
+    """fit_fewshot_cv selects and fits on train + val only: NaN test features change nothing."""
+    from client.feature_methods import FeatureConfig, FeatureData, fit_fewshot_cv
+
+    feats, labels, means = gaussians(8, views=1, seed=11)
+    train_idx = torch.arange(0, 24, 2)
+    val_idx = torch.arange(1, 24, 2)
+    text = F.normalize(means, dim=-1)
+
+    def data(test: torch.Tensor) -> FeatureData:
+        return FeatureData(
+            train=F.normalize(feats[train_idx], dim=-1),
+            train_labels=labels[train_idx],
+            val=F.normalize(feats[val_idx, 0], dim=-1),
+            val_labels=labels[val_idx],
+            test=test,
+            test_labels=torch.zeros(test.shape[0], dtype=torch.long),
+            text=text,
+            scale=SCALE,
+        )
+
+    cfg = FeatureConfig(method="fewshot-cv", views=1)
+    real = fit_fewshot_cv(cfg, data(F.normalize(torch.randn(30, 16), dim=-1)))
+    poisoned = fit_fewshot_cv(cfg, data(torch.full((30, 16), float("nan"))))
+    assert real.selected == poisoned.selected
+    probe = F.normalize(torch.randn(5, 16), dim=-1)
+    assert torch.equal(real.classifier(probe), poisoned.classifier(probe))
+    assert real.selected["labelled_images"] == 24

@@ -4,7 +4,9 @@ Wang et al., ICLR 2024; method.md §7).
 Class means μ_k and one shared covariance Σ from every training view; Σ is shrunk toward
 (tr Σ / d)·I, which keeps it invertible with far fewer samples than dimensions. Then
 W = Σ⁻¹μ and b_k = −½ μ_kᵀΣ⁻¹μ_k (uniform class prior) give linear logits x·W + b.
-One eigendecomposition serves every shrinkage value, so a grid over it costs one `eigh`.
+One thin SVD of the centred features serves every shrinkage value: with n samples in d > n
+dimensions Σ has rank < n, so its eigenbasis is n columns and the rest of the space is
+shrunk to (λ·tr Σ / d)·I alone; a grid over λ costs one n×d SVD, not a d×d `eigh`.
 
 The fused classifier is zero-shot + α·s·GDA, where s = std(zero-shot) / std(GDA) on the
 training features puts the two on one scale, so α's grid means the same on any model.
@@ -30,25 +32,29 @@ class GdaModel:
 
 @dataclass(frozen=True)
 class CovarianceBasis:
-    """Class means and the eigendecomposition of the pooled within-class covariance."""
+    """Class means and the non-zero eigenpairs of the pooled within-class covariance."""
 
     means: torch.Tensor  # [C, D]
-    eigenvalues: torch.Tensor  # [D]
-    eigenvectors: torch.Tensor  # [D, D]
+    eigenvalues: torch.Tensor  # [R], R ≤ min(n, D)
+    eigenvectors: torch.Tensor  # [D, R], orthonormal columns
+    dim: int
 
     @property
     def mean_variance(self) -> float:
-        return float(self.eigenvalues.mean())  # tr Σ / d
+        return float(self.eigenvalues.sum()) / self.dim  # tr Σ / d
 
     def model(self, shrinkage: float) -> GdaModel:
         """GDA with Σ_λ = (1 − λ)Σ + λ·(tr Σ / d)·I, λ in (0, 1]."""
         if not 0.0 < shrinkage <= 1.0:
             raise ValueError("shrinkage must be in (0, 1]")
-        shrunk = (1.0 - shrinkage) * self.eigenvalues.clamp(min=0.0) + shrinkage * self.mean_variance
+        floor = shrinkage * self.mean_variance
+        shrunk = (1.0 - shrinkage) * self.eigenvalues.clamp(min=0.0) + floor
         q = self.eigenvectors
-        projected = q.T @ self.means.T  # [D, C]
-        weight = q @ (projected / shrunk.unsqueeze(1))  # Σ⁻¹ μᵀ
-        bias = -0.5 * (self.means.T * weight).sum(dim=0)
+        mu = self.means.T  # [D, C]
+        projected = q.T @ mu  # [R, C]
+        # In the span of Σ: divide by the shrunk eigenvalues; outside it Σ_λ is floor·I.
+        weight = q @ (projected / shrunk.unsqueeze(1)) + (mu - q @ projected) / floor
+        bias = -0.5 * (mu * weight).sum(dim=0)
         return GdaModel(weight.float(), bias.float())
 
 
@@ -61,9 +67,9 @@ def covariance_basis(shots: Shots) -> CovarianceBasis:
     counts = torch.bincount(y, minlength=shots.num_classes).clamp(min=1).unsqueeze(1)
     means = means / counts
     centred = x - means[y]
-    cov = centred.T @ centred / max(1, x.shape[0])
-    eigenvalues, eigenvectors = torch.linalg.eigh(cov)
-    return CovarianceBasis(means, eigenvalues, eigenvectors)
+    # Σ = centredᵀ·centred / n = V·diag(s² / n)·Vᵀ from the thin SVD centred = U·diag(s)·Vᵀ.
+    _, singular, vh = torch.linalg.svd(centred, full_matrices=False)
+    return CovarianceBasis(means, singular.pow(2) / max(1, x.shape[0]), vh.T, int(x.shape[1]))
 
 
 def fit_gda(shots: Shots, shrinkage: float) -> GdaModel:
