@@ -61,7 +61,12 @@ class ZeroShotOf:
 
 
 def template_count(blob: dict[str, Any], names: tuple[str, ...]) -> int:
-    return sum(len(blob["templates"][n]) for n in names)
+    """Distinct templates bought: the single template is one of the 80, so it costs nothing extra."""
+    used = {blob["templates"]["single"][0]} if "single" in names else set()
+    for name in names:
+        if name != "single":
+            used.update(blob["templates"][name])
+    return len(used)
 
 
 def evaluate(blob: dict[str, Any], shots: int, seed: int, views: int, prior_set: str) -> dict[str, Any]:
