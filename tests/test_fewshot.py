@@ -94,6 +94,18 @@ def test_gda_full_shrinkage_is_the_nearest_class_mean() -> None:
     assert torch.equal(gda.argmax(dim=1), distances.argmin(dim=1))
 
 
+def test_gda_with_one_image_per_class_is_the_nearest_class_mean() -> None:
+    """Σ = 0 (one shot per class, as in a 1-shot fold): finite logits, nearest-mean ranking."""
+    feats, labels, _ = gaussians(1, seed=12)
+    shots = Shots.of(feats, labels, 3)
+    model = fit_gda(shots, 0.5)
+    queries = F.normalize(torch.randn(20, 16, generator=torch.Generator().manual_seed(1)), dim=-1)
+    logits = model.logits(queries)
+    assert torch.isfinite(logits).all()
+    nearest = torch.cdist(queries, shots.features[:, 0]).argmin(dim=1)
+    assert torch.equal(logits.argmax(dim=1), nearest)
+
+
 def test_gda_weight_solves_the_shrunk_covariance() -> None:
     feats, labels, _ = gaussians(50, dim=8, seed=3, views=2)
     shots = Shots.of(feats, labels, 3)

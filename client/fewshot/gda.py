@@ -20,6 +20,8 @@ import torch
 
 from client.fewshot.shots import Shots
 
+MIN_VARIANCE = 1e-8
+
 
 @dataclass(frozen=True)
 class GdaModel:
@@ -41,7 +43,9 @@ class CovarianceBasis:
 
     @property
     def mean_variance(self) -> float:
-        return float(self.eigenvalues.sum()) / self.dim  # tr Σ / d
+        """tr Σ / d, floored: with one image per class Σ = 0, and GDA must then reduce to the
+        nearest class mean (Σ_λ ∝ I) instead of dividing by zero."""
+        return max(float(self.eigenvalues.sum()) / self.dim, MIN_VARIANCE)
 
     def model(self, shrinkage: float) -> GdaModel:
         """GDA with Σ_λ = (1 − λ)Σ + λ·(tr Σ / d)·I, λ in (0, 1]."""
