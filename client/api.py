@@ -17,15 +17,21 @@ from __future__ import annotations
 import base64
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
-from typing import Protocol, TypeVar
+from typing import Protocol, TypeVar, Unpack
 
-import httpx
 import numpy as np
 import numpy.typing as npt
 from pydantic import BaseModel
 
 from client.errors import ApiError, QuotaExhausted, TransientError
-from client.session import DEFAULT_LIMITS, DEFAULT_RETRY, DEFAULT_TIMEOUT, ApiSession, RetryPolicy
+from client.session import (
+    DEFAULT_LIMITS,
+    DEFAULT_RETRY,
+    DEFAULT_TIMEOUT,
+    ApiSession,
+    RetryPolicy,
+    SessionOptions,
+)
 from shared.arrays import decode_array, encode_array
 from shared.schemas import (
     API_PREFIX,
@@ -122,13 +128,12 @@ class CbbtClient:
         base_url: str,
         api_key: str | None = None,
         *,
-        timeout: httpx.Timeout = DEFAULT_TIMEOUT,
-        retry: RetryPolicy = DEFAULT_RETRY,
-        transport: httpx.BaseTransport | None = None,
         counter: QueryCounter | None = None,
         max_items_per_request: int | None = None,
+        **session: Unpack[SessionOptions],
     ) -> None:
-        self.session = ApiSession(base_url, api_key, timeout=timeout, retry=retry, transport=transport)
+        """`session`: timeout, retry (a RetryPolicy), transport (an httpx transport), as ApiSession's."""
+        self.session = ApiSession(base_url, api_key, **session)
         self.session.on_retry = self._count_retry
         self.counter = counter or QueryCounter()
         self._max_items_override = max_items_per_request

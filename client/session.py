@@ -20,7 +20,7 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypedDict, Unpack
 
 import httpx
 from tenacity import RetryCallState, Retrying, retry_if_exception, stop_after_attempt
@@ -132,28 +132,28 @@ class _Wait:
         return base * (1 - self.policy.jitter + self.policy.jitter * self.rng.random() * 2)
 
 
+class SessionOptions(TypedDict, total=False):
+    """How a session talks: timeouts, the retry policy, and the transport (the test seam)."""
+
+    timeout: httpx.Timeout
+    retry: RetryPolicy
+    transport: httpx.BaseTransport | None
+
+
 class ApiSession:
     """One long-lived httpx client on one server. Thread-compatible (use one per thread)."""
 
-    def __init__(
-        self,
-        base_url: str,
-        api_key: str | None = None,
-        *,
-        timeout: httpx.Timeout = DEFAULT_TIMEOUT,
-        retry: RetryPolicy = DEFAULT_RETRY,
-        transport: httpx.BaseTransport | None = None,
-    ) -> None:
+    def __init__(self, base_url: str, api_key: str | None = None, **options: Unpack[SessionOptions]) -> None:
         self.base_url = normalise_base_url(base_url)
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self._http = httpx.Client(
             base_url=self.base_url,
             headers=headers,
-            timeout=timeout,
+            timeout=options.get("timeout", DEFAULT_TIMEOUT),
             limits=DEFAULT_LIMITS,
-            transport=transport,
+            transport=options.get("transport"),
         )
-        self.retry = retry
+        self.retry = options.get("retry", DEFAULT_RETRY)
         self.answered = False  # has the server ever answered this session?
         self.on_retry: Callable[[BaseException, float], None] | None = None
 

@@ -442,14 +442,16 @@ def test_the_base_url_works_with_or_without_v1(api: FakeApi, base: str) -> None:
     assert [a.path for a in api.attempts] == ["/v1/models"]
 
 
+def advertised(**limits: int) -> dict[str, int]:
+    """A card's `limits` (shared.schemas.RequestLimits) with these values."""
+    base = {"max_image_bytes": 1_000_000, "max_image_pixels": 10_000_000, "max_text_chars": 100}
+    return {**base, "max_class_name_chars": 50, **limits}
+
+
 def test_requests_are_split_by_the_limits_the_server_advertises(
     api: FakeApi, make_client: Callable[..., CbbtClient], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    limits = {
-        "max_items_per_request": 4, "max_body_bytes": 10_000_000, "max_image_bytes": 1_000_000,
-        "max_image_pixels": 10_000_000, "max_text_chars": 100, "max_class_name_chars": 50,
-    }  # fmt: skip
-    monkeypatch.setitem(CARD, "limits", limits)
+    monkeypatch.setitem(CARD, "limits", advertised(max_items_per_request=4, max_body_bytes=10_000_000))
     client = make_client()  # no max_items_per_request: the card's limits decide
     assert client.max_items_per_request == 4
     client.prompt_embeddings(np.zeros((5, 1, WIDTH), np.float32), ["a", "b"], idempotency_key="k")
@@ -463,11 +465,7 @@ def test_requests_are_split_by_the_limits_the_server_advertises(
 def test_image_requests_stay_under_the_advertised_body_size(
     api: FakeApi, make_client: Callable[..., CbbtClient], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    limits = {
-        "max_items_per_request": 4096, "max_body_bytes": 3000, "max_image_bytes": 1_000_000,
-        "max_image_pixels": 10_000_000, "max_text_chars": 100, "max_class_name_chars": 50,
-    }  # fmt: skip
-    monkeypatch.setitem(CARD, "limits", limits)
+    monkeypatch.setitem(CARD, "limits", advertised(max_items_per_request=4096, max_body_bytes=3000))
     client = make_client()
     out = client.embed_images([b"\x89PNG" + bytes(600)] * 9)  # ~830 bytes of data URI each
     assert out.shape == (9, DIM)

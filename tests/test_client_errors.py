@@ -32,11 +32,13 @@ class Outcome:
         return [line for line in self.stderr.splitlines() if line.strip()]
 
 
-def cbbt(*argv: str, env: dict[str, str] | None = None, unset: tuple[str, ...] = ()) -> Outcome:
+def cbbt(*argv: str, env: dict[str, str] | None = None, cache: Path | None = None) -> Outcome:
+    """`python -m client.cli ARGV` with only `env` of the CBBT_/OPENAI_ variables set, and its
+    feature cache in `cache` (a cold cache: every image feature is bought again)."""
     environment = {k: v for k, v in os.environ.items() if not k.startswith(("CBBT_", "OPENAI_"))}
     environment = {**environment, "HF_HUB_OFFLINE": "1", **(env or {})}
-    for name in unset:
-        environment.pop(name, None)
+    if cache is not None:
+        environment["CBBT_CACHE_DIR"] = str(cache)
     done = subprocess.run(
         [sys.executable, "-m", "client.cli", *argv],
         cwd=REPO_ROOT,
@@ -113,7 +115,17 @@ def test_a_server_that_is_down_fails_at_once_naming_the_url(tmp_path: Path) -> N
     url = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     outcome = cbbt("usage", "--server", url, "--api-key", "sk-x")
     assert_one_line_error(outcome, RetryLater.exit_code, f"no cbbt server at {url}")
-    tune = cbbt("tune", "--server", url, "--api-key", "sk-x", "--out", str(tmp_path / "run"), *TINY_TUNE)
+    tune = cbbt(
+        "tune",
+        "--server",
+        url,
+        "--api-key",
+        "sk-x",
+        "--out",
+        str(tmp_path / "run"),
+        *TINY_TUNE,
+        cache=tmp_path,
+    )
     assert_one_line_error(tune, RetryLater.exit_code, f"no cbbt server at {url}")
 
 
@@ -130,6 +142,7 @@ def test_rate_limited_past_the_retry_bound_says_to_try_later(
     outcome = cbbt(
         "tune", "--server", tiny_server.url, "--api-key", key, "--out", str(tmp_path / "run"), *TINY_TUNE,
         env={"CBBT_RETRY_TOTAL_S": "2"},  # shorter than the server's Retry-After
+        cache=tmp_path / "cache",
     )  # fmt: skip
     assert_one_line_error(outcome, RetryLater.exit_code, "rate_limit_exceeded", "try again later")
 
@@ -137,9 +150,8 @@ def test_rate_limited_past_the_retry_bound_says_to_try_later(
 def test_an_exhausted_quota_says_to_top_up(tiny_server: ServerProcess, tmp_path: Path) -> None:
     # 50 items: the token call passes, the first 64-image feature batch cannot be paid for.
     _, key = new_key(tiny_server, budget_items=50)
-    outcome = cbbt(
-        "tune", "--server", tiny_server.url, "--api-key", key, "--out", str(tmp_path / "run"), *TINY_TUNE
-    )
+    run = ["tune", "--server", tiny_server.url, "--api-key", key, "--out", str(tmp_path / "run"), *TINY_TUNE]
+    outcome = cbbt(*run, cache=tmp_path / "cache")  # a cold cache: the features must be bought
     assert_one_line_error(outcome, QuotaExhausted.exit_code, "budget is exhausted", "top the key up")
 
 
