@@ -40,6 +40,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields, replace
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -53,6 +54,10 @@ from client.adapters import (
     search_alpha_beta,
 )
 from client.errors import BudgetTooSmall, RequestError
+from client.fewshot.methods import default_methods
+from client.fewshot.select import select_and_fit
+from client.fewshot.shots import Shots
+from client.fewshot.templates import class_texts, ensemble, template_set
 from client.model import score
 from client.report import RunReport, finish_report
 from client.run_context import RunContext, SplitFeatures
@@ -92,6 +97,13 @@ class FeatureConfig:
     budget: int | None = None  # items; refuse to start if features + text cannot be paid
     views: int = 2  # cached views per training image, as for the tuner
     template: str = DEFAULT_TEMPLATE
+    # Prompt ensemble: a general template set (client/fewshot/templates.py) whose C × T class
+    # texts are bought and averaged into the zero-shot classifier; "single" = `template` only.
+    template_set: str = "single"
+    # fewshot-cv: folds of the cross-validation over all labelled shots (None: ≤ 5, as the
+    # rarest class allows) and whether ensembles of the top methods may be chosen.
+    cv_folds: int | None = None
+    cv_ensembles: bool = True
     # Linear probe: weight decay grid (L2 on the weights of the multinomial regression).
     probe_weight_decays: tuple[float, ...] = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
     # LFA: shrinkage toward the identity, then a short refinement.
@@ -126,8 +138,11 @@ class FeatureData(SplitFeatures):
     """The split's features plus the template's class text features [C, D] and the logit scale."""
 
     text: torch.Tensor
-    scale: float  # the model's logit scale
-    template_texts: torch.Tensor | None = None  # [K, C, D]: every searched template's class texts
+    scale: float  # the model's logit scale (fitted on the shots when the API publishes none)
+    searched_texts: torch.Tensor | None = None  # [K, C, D]: every searched template's class texts
+    # [T, C, D] per-template class features when a template set was bought (`text` is then
+    # their ensemble), else None.
+    template_text: torch.Tensor | None = None
 
     @property
     def classes(self) -> int:
@@ -325,13 +340,13 @@ def search_templates(cfg: FeatureConfig, data: FeatureData) -> tuple[torch.Tenso
     """Discrete prompt search: greedy ensemble selection with replacement on the training
     shots' loss (each round adds the template whose inclusion lowers it most; the counts are
     the weights), the number of rounds kept chosen on validation. Returns the [C, D] text."""
-    if data.template_texts is None:
+    if data.searched_texts is None:
         raise RequestError(f"{cfg.method} needs the searched templates' texts")
-    pool = F.normalize(data.template_texts, dim=-1)  # [K, C, D]
+    pool = F.normalize(data.searched_texts, dim=-1)  # [K, C, D]
     x, y = data.flat_train
     counts = torch.zeros(pool.shape[0])
 
-    def ensemble(weights: torch.Tensor) -> torch.Tensor:
+    def mix(weights: torch.Tensor) -> torch.Tensor:
         return F.normalize(torch.einsum("k,kcd->cd", weights, pool), dim=-1)
 
     best_text, best_score, best_counts = (
@@ -344,9 +359,9 @@ def search_templates(cfg: FeatureConfig, data: FeatureData) -> tuple[torch.Tenso
         for k in range(pool.shape[0]):
             trial = counts.clone()
             trial[k] += 1
-            losses.append(float(F.cross_entropy(clip_logits(x, ensemble(trial), data.scale), y)))
+            losses.append(float(F.cross_entropy(clip_logits(x, mix(trial), data.scale), y)))
         counts[int(torch.tensor(losses).argmin())] += 1
-        text = ensemble(counts)
+        text = mix(counts)
         candidate = score(clip_logits(data.val, text, data.scale), data.val_labels)
         if better(candidate, best_score):
             best_text, best_score, best_counts = text, candidate, counts.clone()
@@ -402,7 +417,57 @@ def fit_residual_adapter(cfg: FeatureConfig, data: FeatureData) -> Fit:
     return Fit(classify, best_score[0], best_score[1], {"step": best_step, "ratio": cfg.adapter_ratio})
 
 
+def fit_fewshot_cv(cfg: FeatureConfig, data: FeatureData, only: str | None = None) -> Fit:
+    """Every client.fewshot method (zero-shot, GDA, CLAP probe, linear probe, Tip cache) on
+    every prior (the single template, the ensemble), cross-validated over ALL labelled shots:
+    the training shots and the validation images pooled (the validation images get their one
+    view repeated, so each image weighs the same). The winner, or an ensemble of the top
+    methods, is refitted on all of them. `val_accuracy` is the winner's CV accuracy. `only`:
+    one client.fewshot method alone (its grid still chosen by the same CV, no ensembles)."""
+    shots = _pooled_shots(data)
+    methods = default_methods()
+    if only is not None:
+        methods = {only: methods[only]}
+    priors: dict[str, torch.Tensor] = {"template": data.text}
+    if data.template_text is not None:
+        single = _single_template_row(cfg)
+        priors = {"ensemble": data.text}
+        if single is not None:
+            priors["template"] = data.template_text[single]
+    ensembles = cfg.cv_ensembles and only is None
+    selection = select_and_fit(shots, priors, data.scale, methods, folds=cfg.cv_folds, ensembles=ensembles)
+    chosen = selection.choice
+    return Fit(
+        selection.classifier,
+        chosen.score.accuracy,
+        chosen.score.loss,
+        {
+            "choice": chosen.name,
+            "candidates": chosen.describe(),
+            "cv_folds": selection.cv.folds,
+            "cv_accuracy": chosen.score.accuracy,
+            "cv_accuracy_by_method": selection.method_scores(),
+            "labelled_images": int(shots.labels.numel()),
+        },
+    )
+
+
+def _pooled_shots(data: FeatureData) -> Shots:
+    views = data.train.shape[1]
+    val = data.val.unsqueeze(1).expand(-1, views, -1)
+    feats = torch.cat([data.train, val])
+    return Shots.of(feats, torch.cat([data.train_labels, data.val_labels]), data.classes)
+
+
+def _single_template_row(cfg: FeatureConfig) -> int | None:
+    templates = template_set(cfg.template_set)
+    return templates.index(cfg.template) if cfg.template in templates else None
+
+
 FITS: dict[str, FitFn] = {
+    "fewshot-cv": fit_fewshot_cv,
+    "gda": partial(fit_fewshot_cv, only="gda"),
+    "clap": partial(fit_fewshot_cv, only="clap"),
     "linear-probe": fit_linear_probe,
     "lfa": fit_lfa,
     "tip-adapter": fit_tip_adapter,
@@ -445,26 +510,29 @@ def run_feature_method(ctx: RunContext, cfg: FeatureConfig) -> RunReport:
     # As the tuner does, the budget counts image features at full price, cached or not, so
     # the check does not depend on what other runs left in the cache.
     full_price = ctx.feature_items(cfg.views)
+    templates = [cfg.template] if cfg.template_set == "single" else template_set(cfg.template_set)
     searched = list(cfg.search_templates) if cfg.method in NEEDS_TEMPLATES else []
-    fixed = full_price + len(classes) * (1 + len(searched))
+    text_items = len(classes) * (len(templates) + len(searched))
+    fixed = full_price + text_items
     if cfg.budget is not None and fixed > cfg.budget:
         raise BudgetTooSmall(
             f"a budget of {cfg.budget} items cannot pay for the image features and the class texts "
-            f"({full_price} + {len(classes)} = {fixed} items); "
+            f"({full_price} + {text_items} = {fixed} items); "
             "raise --budget or lower --views/--test-per-class"
         )
     missing = ctx.feature_items(cfg.views, missing=True)  # what this run pays for
     counter = api.counter
     if ctx.on_plan is not None:
-        ctx.on_plan(f"features: {full_price} items ({missing} not cached); class texts: {len(classes)} items")
+        ctx.on_plan(f"features: {full_price} items ({missing} not cached); class texts: {text_items} items")
     images = ctx.fetch_features(cfg.views)
-    texts = [cfg.template.format(name) for name in classes]
-    text = torch.from_numpy(api.embed_texts(texts))
-    counter.loss_evaluations += 1  # one "prompt evaluation": the template for all C classes
-    template_texts = None
+    per_template = torch.from_numpy(api.embed_texts(class_texts(templates, classes)))
+    per_template = per_template.view(len(templates), len(classes), -1)
+    counter.loss_evaluations += len(templates)  # one "prompt evaluation" per template (C texts)
+    text = per_template[0] if len(templates) == 1 else ensemble(per_template)
+    searched_texts = None
     if searched:  # discrete prompt search: every template for every class, in text queries
         flat = [template.format(name) for template in searched for name in classes]
-        template_texts = torch.from_numpy(api.embed_texts(flat)).reshape(len(searched), len(classes), -1)
+        searched_texts = torch.from_numpy(api.embed_texts(flat)).reshape(len(searched), len(classes), -1)
         counter.loss_evaluations += len(searched)
     # An embeddings-tier API publishes no logit scale (0 on its card): fit it on the shots.
     scale = card.logit_scale
@@ -474,7 +542,8 @@ def run_feature_method(ctx: RunContext, cfg: FeatureConfig) -> RunReport:
         **{f.name: getattr(images, f.name) for f in fields(images)},
         text=text,
         scale=scale,
-        template_texts=template_texts,
+        searched_texts=searched_texts,
+        template_text=None if len(templates) == 1 else per_template,
     )
 
     zero_val, _ = score(clip_logits(data.val, text, scale), data.val_labels)

@@ -90,6 +90,15 @@ METHODS: dict[str, MethodSpec] = _specs(
                "discrete prompt search: a weighted ensemble of generic templates chosen on the shots"),
     MethodSpec("prompt-search-tip-f", "feature", {"method": "prompt-search-tip-f"}, _NEEDS_TEMPLATES,
                "Tip-Adapter-F on the searched template ensemble"),
+    # client/fewshot: cross-validated over all labelled shots, on the 80-template ensemble;
+    # one view per image (extra views bought nothing measurable: docs/benchmarks.md).
+    MethodSpec("fewshot-cv", "feature", {"method": "fewshot-cv", "views": 1, "template_set": "openai80"},
+               _NEEDS_FEATURES, "k-fold CV over all shots chooses among zero-shot, GDA, CLAP probe, "
+               "linear probe, Tip cache (or an ensemble of the top ones), on an 80-template ensemble"),
+    MethodSpec("gda", "feature", {"method": "gda", "views": 1, "template_set": "openai80"}, _NEEDS_FEATURES,
+               "GDA (shared shrunk covariance) fused with zero-shot; shrinkage and weight by CV"),
+    MethodSpec("clap", "feature", {"method": "clap", "views": 1, "template_set": "openai80"}, _NEEDS_FEATURES,
+               "CLAP-style probe anchored to the text features; penalty by CV"),
     MethodSpec("adapter", "tune", {"method": "adapter"}, _NEEDS_ONE_PROMPT,
                "CLIP-Adapter residual MLP alone on the 'a {class}.' text features"),
     # The estimator benchmark's winners (docs/benchmarks.md, "Estimator"): for the prompt alone
