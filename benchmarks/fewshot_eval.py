@@ -132,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     for path in args.features:
-        blob = torch.load(path, weights_only=False)
+        blob = torch.load(path, weights_only=True)
         for shots in args.shots:
             for views in args.views:
                 for prior_set in args.priors:

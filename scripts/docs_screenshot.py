@@ -1,6 +1,6 @@
 """Screenshot /docs of a real server in headless Chromium (Debian's `chromium` package).
 
-    .venv/bin/python scripts/docs_screenshot.py docs/images/docs-offline.png
+    .venv/bin/python scripts/docs_screenshot.py docs/img/docs-offline.png
 
 Starts a tiny-model server on loopback, waits until Swagger UI has rendered the operations
 (Chromium's --virtual-time-budget lets the page's scripts run first), saves the PNG and checks
@@ -51,4 +51,4 @@ def main(out: str) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1] if len(sys.argv) > 1 else "docs/images/docs-offline.png"))
+    sys.exit(main(sys.argv[1] if len(sys.argv) > 1 else "docs/img/docs-offline.png"))

@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
 # Set up cbbt on a fresh Linux machine: a .venv with the pinned CPU stack, and Debian's
-# Fashion-MNIST when we can install it. `--dev` adds the test and lint tools.
+# Fashion-MNIST when we can install it. `--dev` adds the test and lint tools, and the system
+# packages the tests use: PostgreSQL's server binaries (the tests start a throwaway cluster of
+# their own; no system cluster is created) and iproute2/util-linux (`ip`, `unshare`: the Ray
+# tests run in a loopback-only network namespace).
 # Idempotent: a second run only checks that everything is there.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -15,6 +18,26 @@ if [[ ! -f /usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz ]]; then
             || echo "setup: could not install dataset-fashion-mnist; the demo will use digits" >&2
     else
         echo "setup: Debian's dataset-fashion-mnist is absent (needs root); the demo will use digits" >&2
+    fi
+fi
+
+if [[ -n "$extras" ]]; then
+    apt_packages=()
+    compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null || apt_packages+=(postgresql)
+    command -v ip >/dev/null || apt_packages+=(iproute2)
+    command -v unshare >/dev/null || apt_packages+=(util-linux)
+    if ((${#apt_packages[@]})); then
+        if [[ "$(id -u)" != "0" ]] || ! command -v apt-get >/dev/null; then
+            echo "setup: the tests need ${apt_packages[*]}: install them (as root), then rerun" >&2
+            exit 1
+        fi
+        mkdir -p /etc/postgresql-common
+        grep -qs '^create_main_cluster' /etc/postgresql-common/createcluster.conf \
+            || echo "create_main_cluster = false" >>/etc/postgresql-common/createcluster.conf
+        echo "setup: installing ${apt_packages[*]}" >&2
+        apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+            "${apt_packages[@]}" >/dev/null
     fi
 fi
 
