@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import base64
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field
 from typing import Protocol, TypeVar, Unpack
 
 import numpy as np
@@ -84,13 +84,22 @@ class QueryCounter:
     items: int = 0
     loss_evaluations: int = 0
     retries: int = 0
+    # The routes ("embeddings", "classify", ...) the run's answered calls went to, and that of
+    # the cached image features it used: what says which API tier the run needed.
+    routes: set[str] = field(default_factory=set)
 
     def as_dict(self) -> dict[str, int]:
-        return asdict(self)
+        return {
+            "calls": self.calls,
+            "items": self.items,
+            "loss_evaluations": self.loss_evaluations,
+            "retries": self.retries,
+        }
 
     def load(self, values: dict[str, int]) -> None:
+        known = self.as_dict()
         for name, value in values.items():
-            if hasattr(self, name):
+            if name in known:
                 setattr(self, name, int(value))
 
 
@@ -173,6 +182,7 @@ class CbbtClient:
         if method == "POST":  # only model calls are charged; GETs (card, usage) are free
             self.counter.calls += 1
             self.counter.items += items
+            self.counter.routes.add(path.removeprefix(f"{API_PREFIX}/"))
         return response_model.model_validate_json(response.content)
 
     # -- what the server says about itself --------------------------------------------------

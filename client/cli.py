@@ -23,6 +23,7 @@ from client.grid import BenchConfig
 from client.methods import DEFAULT_METHOD, DEFAULT_METHODS, METHODS
 from client.runner import DataSpec
 from client.settings import ClientSettings
+from client.tiers import API_KINDS
 from client.tune_config import ESTIMATOR_PRESETS
 
 logger = logging.getLogger("cbbt")
@@ -75,9 +76,10 @@ def _add_connection(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cache-dir", type=Path, default=None, help="feature cache folder (CBBT_CACHE_DIR)")
     parser.add_argument(
         "--api",
-        choices=["auto", "cbbt", "openai"],
+        choices=list(API_KINDS),
         default=None,
         help="cbbt: a cbbt server; openai: any OpenAI-compatible /v1/embeddings (the embeddings tier); "
+        "predictions: /v1/classify only (the prediction-only tier: loss-only prompt tuners); "
         "auto (default): cbbt when /v1/models has cbbt model cards (CBBT_API)",
     )
     parser.add_argument("--model", default=None, help="model id on an OpenAI-compatible API (CBBT_MODEL)")

@@ -26,7 +26,7 @@ from client.features import FeatureCache, FeatureStore
 from client.grid import BenchConfig, Service, needs_server, run_bench
 from client.methods import DEFAULT_METHOD, method, parse_define, register_method
 from client.model import accuracy_and_loss, logits_of
-from client.openai_api import OpenAIEmbeddingsClient, detect_api
+from client.openai_api import detect_api
 from client.progress import Progress
 from client.report import RunReport
 from client.run_folder import FEATURES_DB, RunFolder
@@ -34,6 +34,7 @@ from client.runner import DataSpec, LocalModel, RunSpec, run_method
 from client.server_process import LARGE_BUDGET, ServerProcess
 from client.session import RetryPolicy
 from client.settings import ClientSettings
+from client.tiers import connect
 
 logger = logging.getLogger("cbbt")
 
@@ -92,14 +93,12 @@ class BenchArgs:
 
 
 def make_client(settings: ClientSettings, counter: QueryCounter | None = None) -> CbbtClient:
-    """A client of the API tier at the URL: cbbt's own, or an OpenAI-compatible embeddings API."""
+    """A client of the API tier at the URL (client/tiers.py): cbbt's own, an OpenAI-compatible
+    embeddings API, or a prediction-only one."""
     retry = RetryPolicy(max_total_s=settings.retry_total_s)
-    kind = settings.api if settings.api != "auto" else detect_api(settings.server, settings.api_key)
-    if kind == "openai":
-        return OpenAIEmbeddingsClient(
-            settings.server, settings.api_key, model=settings.model, counter=counter, retry=retry
-        )
-    return CbbtClient(settings.server, settings.api_key, counter=counter, retry=retry)
+    return connect(
+        settings.api, settings.server, settings.api_key, model=settings.model, counter=counter, retry=retry
+    )
 
 
 def _feature_store(client: CbbtClient, settings: ClientSettings) -> FeatureStore:
@@ -235,7 +234,9 @@ def bench(args: BenchArgs, settings: ClientSettings) -> int:
     if args.local:
         local = LocalModel(args.local_model or DEFAULT_LOCAL_MODEL, args.local_pretrained, cache_path)
     if not args.local or not needs_server(cfg):
-        records = run_bench(cfg, Service(settings.server, settings.api_key, cache_path, retry, local))
+        api = settings.api if settings.api != "auto" else detect_api(settings.server, settings.api_key)
+        service = Service(settings.server, settings.api_key, cache_path, retry, local, api, settings.model)
+        records = run_bench(cfg, service)
     else:
         server_dir = cfg.out / "server"
         with ServerProcess(
@@ -247,7 +248,8 @@ def bench(args: BenchArgs, settings: ClientSettings) -> int:
         ) as server:
             name = f"bench-{time.strftime('%Y%m%d-%H%M%S')}-{server.port}"  # key names are unique
             key = server.create_key(name, budget_items=LARGE_BUDGET)
-            records = run_bench(cfg, Service(server.url, key, cache_path, retry, local))
+            api = "cbbt" if settings.api == "auto" else settings.api  # the local server is cbbt's
+            records = run_bench(cfg, Service(server.url, key, cache_path, retry, local, api, settings.model))
     failed = [r for r in records if r.get("status") == "failed"]
     print(f"{len(records)} runs ({len(failed)} failed); summary: {cfg.folder.results_md}")
     return 1 if failed else 0

@@ -23,6 +23,7 @@ from PIL import Image
 
 from client.api import ImageEmbedder
 from client.data import Example
+from shared.tiers import ROUTE_EMBEDDINGS
 
 logger = logging.getLogger(__name__)
 
@@ -148,6 +149,8 @@ class FeatureStore:
     ) -> npt.NDArray[np.float32]:
         """[N, views, D] features; the ones not yet cached are fetched in batches, and each
         fetched batch's size goes to `on_batch` (and the store's `progress`)."""
+        # Cached or not, image features are what /v1/embeddings sells: the run used that route.
+        self.client.counter.routes.add(ROUTE_EMBEDDINGS)
         hashes = [content_hash(e.image_bytes()) for e in examples]
         wanted = [(i, v, self._key(h, v)) for i, h in enumerate(hashes) for v in range(views)]
         cached = self.cache.get_many(sorted({k for _, _, k in wanted}))

@@ -32,7 +32,9 @@ from client.run_folder import BenchFolder, RunFolder
 from client.runner import DataSpec, LocalModel, RunSpec, run_method
 from client.session import RetryPolicy
 from client.tables import results_markdown
+from client.tiers import connect
 from client.train import StopRequested
+from shared.tiers import Tier
 
 logger = logging.getLogger(__name__)
 
@@ -71,6 +73,12 @@ class Service:
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     # Set when the model also runs on this machine (--local): enables the white-box reference.
     local_model: LocalModel | None = None
+    api: str = "cbbt"  # which API tier the URL is (client/tiers.py: cbbt, openai, predictions)
+    model: str | None = None  # the model id on an OpenAI-compatible API
+
+    @property
+    def tier(self) -> Tier:
+        return {"openai": Tier.embeddings, "predictions": Tier.predictions}.get(self.api, Tier.full)
 
 
 class Bench:
@@ -109,7 +117,7 @@ class Bench:
                             logger.info("skipping %s: finished (report exists)", folder.path)
                             self.records.append(self._record(spec, split, folder, "cached"))
                         else:
-                            if spec.kind != "whitebox" and not prefetched:
+                            if spec.kind != "whitebox" and not prefetched and self._uses_features:
                                 self._feature_pass(split)
                                 prefetched = True
                             self.records.append(self._run_one(spec, split, folder, progress))
@@ -136,9 +144,13 @@ class Bench:
                 }
                 log_feature_pass(self.cfg.folder, record)
 
+    @property
+    def _uses_features(self) -> bool:
+        return self.service.tier != Tier.predictions  # that tier returns logits, never a feature
+
     def _client(self) -> CbbtClient:
         s = self.service  # a fresh QueryCounter per client, so per run
-        return CbbtClient(s.url, s.api_key, retry=s.retry)
+        return connect(s.api, s.url, s.api_key, model=s.model, retry=s.retry)
 
     # -- one run ------------------------------------------------------------------------------
     def _views(self, spec: MethodSpec) -> int:
@@ -190,7 +202,9 @@ class Bench:
             "seed": split.seed,
             "budget": self.cfg.budget if spec.black_box else None,
             "run_dir": str(folder.path),
-            "feature_items_if_uncached": feature_items_if_uncached(split, self._views(spec)),
+            "feature_items_if_uncached": (
+                feature_items_if_uncached(split, self._views(spec)) if self._uses_features else 0
+            ),
         }
 
     def _record(

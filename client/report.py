@@ -20,6 +20,7 @@ from client.plots import plot_curve
 from client.run_folder import RunFolder
 from client.selection import CurvePoint
 from shared.schemas import ModelCard
+from shared.tiers import smallest_tier
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +62,9 @@ class RunReport:
     stopped_reason: str | None = None
     plan: dict[str, Any] | None = None
     white_box: bool = False
+    # The API tier the run needed (embeddings | predictions | full): the narrowest one offering
+    # every route it called (shared.tiers.smallest_tier); None for in-process runs.
+    tier: str | None = None
     note: str = ""
     config: dict[str, Any] = field(default_factory=dict)
 
@@ -79,11 +83,18 @@ class RunReport:
     def summary(self) -> str:
         q = self.queries
         return (
-            f"method {self.method}, {self.shots}-shot, seed {self.seed}: "
+            f"method {self.method}, {self.shots}-shot, seed {self.seed}"
+            f"{f' ({self.tier} tier)' if self.tier else ''}: "
             f"test accuracy {self.test_accuracy:.4f} (zero-shot {self.zero_shot_test_accuracy:.4f}), "
             f"val {self.val_accuracy:.4f}; queries: {q['calls']} calls, {q['items']} items, "
             f"{q['loss_evaluations']} loss evaluations; {self.wall_seconds:.0f} s"
         )
+
+
+def tier_used(counter: QueryCounter) -> str | None:
+    """The API tier the routes this run called amount to."""
+    tier = smallest_tier(counter.routes)
+    return None if tier is None else tier.value
 
 
 def write_report(report: RunReport, curve: list[CurvePoint], folder: RunFolder) -> None:
@@ -124,6 +135,7 @@ def finish_report(
         feature_items_charged=feature_items_charged,
         test_images=len(split.test),
         wall_seconds=time.time() - started,
+        tier=tier_used(counter),
         **details,
     )
     write_report(report, curve, folder)

@@ -2,7 +2,9 @@
 
 The single entry point for `cbbt tune` and for every cell of `cbbt bench`: the registry says
 how the method runs (client/methods.py), this module dispatches it:
-- `tune`: the tuning loop (`Tuner`), resumable from its checkpoint;
+- `tune`: the tuning loop (`Tuner`), resumable from its checkpoint; on the prediction-only
+  tier (a `ClassifyClient`), the loss-only prompt tuners through /v1/classify instead
+  (`run_on_predictions`), never seeing a feature;
 - `feature`: a feature method (`run_feature_method`);
 - `whitebox`: the in-process CoOp reference, launched as its own process
   (`python -m benchmarks.whitebox`) because it loads the model, which a black-box client never does.
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import subprocess
 import sys
@@ -25,14 +28,16 @@ from client.data import FewShotSplit
 from client.errors import CbbtError, RequestError
 from client.feature_methods import run_feature_method
 from client.features import FeatureStore
-from client.methods import METHODS, MethodSpec, feature_config_for, tune_config_for, whitebox_settings
-from client.openai_api import OpenAIEmbeddingsClient, TierNotAllowed
+from client.methods import MethodSpec, feature_config_for, tune_config_for, whitebox_settings
+from client.prediction_tier import DEFAULT_BATCH, run_on_predictions
 from client.progress import NO_PROGRESS, Progress
 from client.report import RunReport
 from client.run_context import RunContext
 from client.run_folder import RunFolder
 from client.server_process import REPO_ROOT
+from client.tiers import check_runs_on, tier_of_client
 from client.train import Tuner
+from shared.tiers import Tier
 
 logger = logging.getLogger(__name__)
 
@@ -98,15 +103,16 @@ def run_method(
         return run_whitebox(run, local_model)
     if api is None or features is None:
         raise RequestError(f"{spec.name} needs a server")
-    if isinstance(api, OpenAIEmbeddingsClient) and spec.kind != "feature":
-        raise TierNotAllowed(
-            f"{spec.name} needs soft prompts: cbbt's full tier; this API is the embeddings tier "
-            f"(methods that run on it: {', '.join(n for n, m in METHODS.items() if m.kind == 'feature')})"
-        )
+    check_runs_on(spec, api)  # before anything is spent
     ctx = RunContext(api, features, run.split, run.folder, spec.name, progress, on_plan)
     if spec.kind == "feature":
         return run_feature_method(ctx, feature_config_for(spec, run.run_settings))
-    return Tuner(ctx, tune_config_for(spec, run.flags, run.run_settings)).run(resume=resume).report
+    cfg = tune_config_for(spec, run.flags, run.run_settings)
+    if tier_of_client(api) == Tier.predictions:
+        batch = cfg.batch_size if cfg.batch_size > 0 else DEFAULT_BATCH
+        faithful = math.ceil(len(run.split.train) / batch) * cfg.epochs
+        return run_on_predictions(ctx, cfg, faithful_steps=faithful)
+    return Tuner(ctx, cfg).run(resume=resume).report
 
 
 def run_whitebox(run: RunSpec, local: LocalModel | None) -> RunReport:

@@ -36,8 +36,11 @@ class ClientSettings(BaseSettings):
     # this many seconds for one call; then the run fails with "try again later".
     retry_total_s: float = Field(600.0, gt=0, validation_alias=AliasChoices("CBBT_RETRY_TOTAL_S"))
     # Which kind of API the URL is: cbbt's own (every tier), an OpenAI-compatible embeddings
-    # API (the embeddings tier), or `auto`: cbbt when /v1/models carries cbbt model cards.
-    api: Literal["auto", "cbbt", "openai"] = Field("auto", validation_alias=AliasChoices("CBBT_API"))
+    # API (the embeddings tier), a /v1/classify-only API (the prediction-only tier), or
+    # `auto`: cbbt when /v1/models carries cbbt model cards (client/tiers.py).
+    api: Literal["auto", "cbbt", "openai", "predictions"] = Field(
+        "auto", validation_alias=AliasChoices("CBBT_API")
+    )
     model: str | None = Field(None, validation_alias=AliasChoices("CBBT_MODEL"))  # embeddings tier
 
     @field_validator("server")

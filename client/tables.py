@@ -43,6 +43,12 @@ def _prompt_only(method: str) -> bool:
     return spec is not None and spec.prompt_only
 
 
+def _tiers(runs: Sequence[Mapping[str, Any]]) -> str:
+    """The tier(s) a group's runs used, from their reports (several if they differed)."""
+    found = sorted({str(r["report"].get("tier")) for r in runs if r["report"].get("tier")})
+    return " / ".join(found) or "–"
+
+
 def results_markdown(
     cfg: GridSummary, records: Sequence[Mapping[str, Any]], passes: Sequence[Mapping[str, Any]]
 ) -> str:
@@ -68,15 +74,19 @@ def results_markdown(
         "runs (the feature pass below), so this is ≈ the run's text/prompt cost only.",
         "- **items incl. features**: items charged + the image features the run used but found cached "
         "(train × views + val + test): what it would cost alone, from a cold cache. `--budget` caps this.",
-        "- **calls**: HTTP requests; **loss evals**: prompt evaluations (each = C class texts).",
+        "- **API tier**: the narrowest API tier offering every route the run called (embeddings: "
+        "`/v1/embeddings`; predictions: `/v1/classify` + `/v1/token-embeddings`; full: soft prompts' "
+        "`/v1/prompt-embeddings` too); – for in-process runs.",
+        "- **calls**: HTTP requests; **loss evals**: prompt evaluations (each = C class texts, or on "
+        "the predictions tier one classify call of the batch's images + C prompts).",
         "- **% of white-box**: mean test accuracy as a fraction of white-box CoOp's (exact gradients, "
         "in-process, NOT black-box; its items count in-process encodings, not API calls): of "
         "`coop-prompt-whitebox` (CoOp alone) for prompt-only methods when it ran, else of "
         "`coop-whitebox` (CoOp + the same adapter).",
         "",
-        "| method | shots | runs | test acc | val acc | zero-shot test | items charged "
+        "| method | API tier | shots | runs | test acc | val acc | zero-shot test | items charged "
         "| items incl. features | calls | loss evals | wall s | % of white-box |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for g in table:
         tests = g.values("test_accuracy")
@@ -85,7 +95,7 @@ def results_markdown(
         name = g.method + ("" if METHODS.get(g.method) is None or METHODS[g.method].black_box else " †")
         budget_note = "" if g.budget in (None, cfg.budget) else f" (budget {g.budget})"
         lines.append(
-            f"| {name}{budget_note} | {g.shots} | {len(g.runs)} | {_pm(tests)} "
+            f"| {name}{budget_note} | {_tiers(g.runs)} | {g.shots} | {len(g.runs)} | {_pm(tests)} "
             f"| {_pm(g.values('val_accuracy'))} "
             f"| {_pm(g.values('zero_shot_test_accuracy'))} | {_num(g.values('items_charged'))} "
             f"| {_num(g.values('items_including_features'))} | {_num(g.values('calls'))} "

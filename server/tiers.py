@@ -16,18 +16,13 @@ Each route needs one scope. Keys made before tiers existed carry exactly the old
 from __future__ import annotations
 
 from collections.abc import Iterable
-from enum import StrEnum
+
+from shared.tiers import Tier
 
 SCOPE_EMBED = "embed"  # /v1/embeddings
 SCOPE_CLASSIFY = "classify"  # /v1/classify
 SCOPE_TOKENS = "tokens"  # /v1/token-embeddings
 SCOPE_PROMPT = "prompt"  # /v1/prompt-embeddings
-
-
-class Tier(StrEnum):
-    embeddings = "embeddings"
-    predictions = "predictions"
-    full = "full"
 
 
 TIER_SCOPES: dict[Tier, frozenset[str]] = {
