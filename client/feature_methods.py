@@ -53,6 +53,7 @@ from client.adapters import (
     clip_logits,
     search_alpha_beta,
 )
+from client.api import ModelApi
 from client.errors import BudgetTooSmall, RequestError
 from client.fewshot.methods import default_methods
 from client.fewshot.select import select_and_fit
@@ -62,6 +63,7 @@ from client.model import score
 from client.report import RunReport, finish_report
 from client.run_context import RunContext, SplitFeatures
 from client.selection import better, curve_point
+from client.wordings import DEFAULT_WORDINGS, wording_slots
 
 logger = logging.getLogger(__name__)
 
@@ -125,6 +127,9 @@ class FeatureConfig:
     # ensemble-selection rounds (with replacement, so a template picked twice weighs double).
     search_templates: tuple[str, ...] = SEARCH_TEMPLATES
     search_rounds: int = 24
+    # ... and of class-name wordings (client/wordings.py): up to this many per class, the name
+    # as given included (1: the names as given only). Each distinct text is paid once.
+    search_wordings: int = DEFAULT_WORDINGS
     # Residual adapter on image features (CLIP-Adapter), trained locally on the template's texts.
     adapter_ratio: float = 0.2
     adapter_steps: int = 300
@@ -139,7 +144,10 @@ class FeatureData(SplitFeatures):
 
     text: torch.Tensor
     scale: float  # the model's logit scale (fitted on the shots when the API publishes none)
-    searched_texts: torch.Tensor | None = None  # [K, C, D]: every searched template's class texts
+    searched_texts: torch.Tensor | None = None  # [K, C, D]: every searched prompt's class texts
+    # What each of the K searched prompts is (a template, with a wording slot of the class
+    # names when there are several); None: `cfg.search_templates`, one each.
+    searched_labels: tuple[str, ...] | None = None
     # [T, C, D] per-template class features when a template set was bought (`text` is then
     # their ensemble), else None.
     template_text: torch.Tensor | None = None
@@ -365,7 +373,8 @@ def search_templates(cfg: FeatureConfig, data: FeatureData) -> tuple[torch.Tenso
         candidate = score(clip_logits(data.val, text, data.scale), data.val_labels)
         if better(candidate, best_score):
             best_text, best_score, best_counts = text, candidate, counts.clone()
-    weights = {cfg.search_templates[k]: int(c) for k, c in enumerate(best_counts.tolist()) if c > 0}
+    labels = data.searched_labels or cfg.search_templates
+    weights = {labels[k]: int(c) for k, c in enumerate(best_counts.tolist()) if c > 0}
     return best_text, {"template_weights": weights or {cfg.template: 1}}
 
 
@@ -498,6 +507,42 @@ def fit_logit_scale(train: torch.Tensor, labels: torch.Tensor, text: torch.Tenso
     return scale
 
 
+@dataclass(frozen=True)
+class SearchPool:
+    """The discrete prompt search's pool: every template x every wording slot of the class
+    names (client/wordings.py), as [K][C] texts; each distinct text is embedded (paid) once."""
+
+    labels: tuple[str, ...]
+    texts: tuple[tuple[str, ...], ...]  # [K][C]
+
+    @classmethod
+    def of(cls, cfg: FeatureConfig, classes: list[str]) -> SearchPool:
+        slots = wording_slots(classes, cfg.search_wordings)
+        labels, texts = [], []
+        for template in cfg.search_templates:
+            for j, names in enumerate(slots):
+                wording = f" [wording {j}: {', '.join(names)}]" if len(slots) > 1 else ""
+                labels.append(template + wording)
+                texts.append(tuple(template.format(name) for name in names))
+        return cls(tuple(labels), tuple(texts))
+
+    @property
+    def distinct(self) -> list[str]:
+        return list(dict.fromkeys(t for row in self.texts for t in row))
+
+    @property
+    def items(self) -> int:
+        return len(self.distinct)
+
+    def embed(self, api: ModelApi) -> torch.Tensor:
+        """[K, C, D] text features, one text query per distinct text."""
+        distinct = self.distinct
+        features = torch.from_numpy(api.embed_texts(distinct))
+        index = {text: i for i, text in enumerate(distinct)}
+        rows = torch.tensor([[index[t] for t in row] for row in self.texts])
+        return features[rows]
+
+
 def run_feature_method(ctx: RunContext, cfg: FeatureConfig) -> RunReport:
     started = time.time()
     api, split = ctx.api, ctx.split
@@ -511,8 +556,8 @@ def run_feature_method(ctx: RunContext, cfg: FeatureConfig) -> RunReport:
     # the check does not depend on what other runs left in the cache.
     full_price = ctx.feature_items(cfg.views)
     templates = [cfg.template] if cfg.template_set == "single" else template_set(cfg.template_set)
-    searched = list(cfg.search_templates) if cfg.method in NEEDS_TEMPLATES else []
-    text_items = len(classes) * (len(templates) + len(searched))
+    search = SearchPool.of(cfg, classes) if cfg.method in NEEDS_TEMPLATES else None
+    text_items = len(classes) * len(templates) + (search.items if search is not None else 0)
     fixed = full_price + text_items
     if cfg.budget is not None and fixed > cfg.budget:
         raise BudgetTooSmall(
@@ -530,10 +575,9 @@ def run_feature_method(ctx: RunContext, cfg: FeatureConfig) -> RunReport:
     counter.loss_evaluations += len(templates)  # one "prompt evaluation" per template (C texts)
     text = per_template[0] if len(templates) == 1 else ensemble(per_template)
     searched_texts = None
-    if searched:  # discrete prompt search: every template for every class, in text queries
-        flat = [template.format(name) for template in searched for name in classes]
-        searched_texts = torch.from_numpy(api.embed_texts(flat)).reshape(len(searched), len(classes), -1)
-        counter.loss_evaluations += len(searched)
+    if search is not None:  # discrete prompt search: every distinct text, in text queries
+        searched_texts = search.embed(api)
+        counter.loss_evaluations += len(search.labels)
     # An embeddings-tier API publishes no logit scale (0 on its card): fit it on the shots.
     scale = card.logit_scale
     if scale <= 0:
@@ -543,6 +587,7 @@ def run_feature_method(ctx: RunContext, cfg: FeatureConfig) -> RunReport:
         text=text,
         scale=scale,
         searched_texts=searched_texts,
+        searched_labels=search.labels if search is not None else None,
         template_text=None if len(templates) == 1 else per_template,
     )
 
