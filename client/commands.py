@@ -26,7 +26,6 @@ from client.features import FeatureCache, FeatureStore
 from client.grid import BenchConfig, Service, needs_server, run_bench
 from client.methods import DEFAULT_METHOD, method, parse_define, register_method
 from client.model import accuracy_and_loss, logits_of
-from client.openai_api import detect_api
 from client.progress import Progress
 from client.report import RunReport
 from client.run_folder import FEATURES_DB, RunFolder
@@ -34,7 +33,7 @@ from client.runner import DataSpec, LocalModel, RunSpec, run_method
 from client.server_process import LARGE_BUDGET, ServerProcess
 from client.session import RetryPolicy
 from client.settings import ClientSettings
-from client.tiers import connect
+from client.tiers import connect, detect
 
 logger = logging.getLogger("cbbt")
 
@@ -234,7 +233,7 @@ def bench(args: BenchArgs, settings: ClientSettings) -> int:
     if args.local:
         local = LocalModel(args.local_model or DEFAULT_LOCAL_MODEL, args.local_pretrained, cache_path)
     if not args.local or not needs_server(cfg):
-        api = settings.api if settings.api != "auto" else detect_api(settings.server, settings.api_key)
+        api = settings.api if settings.api != "auto" else detect(settings.server, settings.api_key)
         service = Service(settings.server, settings.api_key, cache_path, retry, local, api, settings.model)
         records = run_bench(cfg, service)
     else:

@@ -118,3 +118,14 @@ def test_bench_reports_the_tier_each_method_used(server: ServerProcess, tmp_path
         if api == "predictions":  # no feature ever: no feature pass, none counted in any run
             assert passes == 0
             assert all(r["items_including_features"] == r["items_charged"] for r in runs.values())
+
+
+def test_auto_detects_a_predictions_key_from_its_usage(server: ServerProcess, tmp_path: Path) -> None:
+    key = _key(server, "pred-auto", "predictions")
+    out = tmp_path / "run"
+    argv = ["tune", *_connection(server, key, "auto", tmp_path / "cache"), *SMALL,
+            "--method", "zero-shot", "--out", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["tier"] == "predictions" and report["prompt_steps"] == 0
+    assert report["queries"]["items"] == _spent(server, "pred-auto") > 0
