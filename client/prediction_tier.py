@@ -267,7 +267,7 @@ def run_on_predictions(ctx: RunContext, cfg: TuneConfig, *, faithful_steps: int)
     card = api.model_card()
     steps = faithful_steps if cfg.tunes_prompt else 0
     per_call = _images_per_call(api, len(ctx.split.class_names))
-    plan_classify_run(cfg, ctx.split, 1, per_call, faithful_steps=0)  # refuse before spending
+    plan_classify_run(cfg, ctx.split, card.token_width, per_call, faithful_steps=0)  # refuse before spending
     theta = torch.from_numpy(api.token_embeddings(cfg.init_text)).float()  # [M, W]
     plan = plan_classify_run(cfg, ctx.split, theta.numel(), per_call, faithful_steps=steps)
     logger.info("plan:\n%s", plan.describe())

@@ -129,3 +129,14 @@ def test_auto_detects_a_predictions_key_from_its_usage(server: ServerProcess, tm
     report = json.loads((out / "report.json").read_text())
     assert report["tier"] == "predictions" and report["prompt_steps"] == 0
     assert report["queries"]["items"] == _spent(server, "pred-auto") > 0
+
+
+def test_a_budget_below_the_scoring_cost_is_refused_before_spending(
+    server: ServerProcess, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    key = _key(server, "pred-poor", "predictions")
+    argv = ["tune", *_connection(server, key, "predictions", tmp_path / "cache"), *SMALL,
+            "--method", "cmaes-prompt", "--budget", "50", "--out", str(tmp_path / "run")]  # fmt: skip
+    assert main(argv) != 0
+    assert any("cannot pay for the prediction tier's start" in r.getMessage() for r in caplog.records)
+    assert _spent(server, "pred-poor") == 0
