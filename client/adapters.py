@@ -175,6 +175,19 @@ def search_alpha_beta(
     return best
 
 
+class LinearHead(nn.Module):
+    """A fixed linear classifier on unit features, logits = normalize(x)·Wᵀ + b: the default
+    `cbbt` method's artifact (client/collab.py), whatever feature method and prompt made it."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(weight.detach().clone(), requires_grad=False)
+        self.bias = nn.Parameter(bias.detach().clone(), requires_grad=False)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return F.normalize(features, dim=-1) @ self.weight.T + self.bias
+
+
 class LinearProbe(nn.Module):
     """Multinomial logistic regression on L2-normalised features, fitted full-batch by L-BFGS.
 

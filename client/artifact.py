@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from client.adapters import ResidualAdapter, TipAdapter
+from client.adapters import LinearHead, ResidualAdapter, TipAdapter
 
 CONFIG_FILE = "config.json"
 TENSORS_FILE = "tensors.safetensors"
@@ -32,7 +32,7 @@ class Artifact:
     context: torch.Tensor  # [M, W]
     class_names: list[str]
     class_text_features: torch.Tensor  # [C, D]
-    adapter_kind: str  # "residual" | "tip" | "none"
+    adapter_kind: str  # "residual" | "tip" | "linear" (the whole classifier) | "none"
     adapter_state: dict[str, torch.Tensor] | None
     model_card: dict[str, Any]
     config: dict[str, Any] = field(default_factory=dict)
@@ -46,6 +46,8 @@ class Artifact:
             return None
         if self.adapter_kind == "tip":
             return TipAdapter.from_state_dict(self.adapter_state).eval()
+        if self.adapter_kind == "linear":
+            return LinearHead(self.adapter_state["weight"], self.adapter_state["bias"]).eval()
         ratio = float(self.config.get("adapter_ratio", 0.2))
         adapter = ResidualAdapter(int(self.class_text_features.shape[1]), ratio=ratio)
         adapter.load_state_dict(self.adapter_state)

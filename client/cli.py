@@ -40,7 +40,8 @@ def _bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
-# Tuning flags: (flag, TuneConfig field, type, help). Defaults come from the method's settings.
+# Tuning flags: (flag, TuneConfig or CollabConfig field, type, help). Defaults come from the
+# method's settings; a flag the method has no setting for is refused.
 TUNE_FLAGS: tuple[tuple[str, str, Any, str], ...] = (
     ("--estimator", "estimator", str, f"prompt estimator preset: {', '.join(ESTIMATOR_PRESETS)}"),
     ("--init-text", "init_text", str, "words the context vectors start from (1 token: 'a')"),
@@ -61,6 +62,11 @@ TUNE_FLAGS: tuple[tuple[str, str, Any, str], ...] = (
     ("--adapter-epochs", "adapter_epochs", int, "adapter epochs on cached features (free)"),
     ("--adapter-start-epoch", "adapter_start_epoch", int, "prompt-only epochs before the adapter joins"),
     ("--checkpoint-every", "checkpoint_every", int, "steps between checkpoints"),
+    # The default `cbbt` method's own (client/collab.py).
+    ("--prompt-steps", "prompt_steps", int, "cbbt: most prompt steps on top of the feature method"),
+    ("--patience", "patience", int, "cbbt: steps without a better held-out loss before stopping"),
+    ("--class-subset", "class_subset", int, "cbbt: classes a step's perturbed prompts are scored on"),
+    ("--template-set", "template_set", str, "cbbt: zero-shot templates (openai80, simple7, single)"),
 )
 
 

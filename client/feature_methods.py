@@ -433,7 +433,7 @@ def fit_fewshot_cv(cfg: FeatureConfig, data: FeatureData, only: str | None = Non
     view repeated, so each image weighs the same). The winner, or an ensemble of the top
     methods, is refitted on all of them. `val_accuracy` is the winner's CV accuracy. `only`:
     one client.fewshot method alone (its grid still chosen by the same CV, no ensembles)."""
-    shots = _pooled_shots(data)
+    shots = Shots.pooled(data.train, data.train_labels, data.val, data.val_labels, data.classes)
     methods = default_methods()
     if only is not None:
         methods = {only: methods[only]}
@@ -459,13 +459,6 @@ def fit_fewshot_cv(cfg: FeatureConfig, data: FeatureData, only: str | None = Non
             "labelled_images": int(shots.labels.numel()),
         },
     )
-
-
-def _pooled_shots(data: FeatureData) -> Shots:
-    views = data.train.shape[1]
-    val = data.val.unsqueeze(1).expand(-1, views, -1)
-    feats = torch.cat([data.train, val])
-    return Shots.of(feats, torch.cat([data.train_labels, data.val_labels]), data.classes)
 
 
 def _single_template_row(cfg: FeatureConfig) -> int | None:

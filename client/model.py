@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from client.adapters import ResidualAdapter, TipAdapter, adapter_state, clip_logits
+from client.adapters import LinearHead, ResidualAdapter, TipAdapter, adapter_state, clip_logits
 
 AdapterKind = Literal["residual", "tip", "none"]
 
@@ -43,6 +43,8 @@ def logits_of(
         return clip_logits(images, texts, scale)
     if isinstance(adapter, TipAdapter):
         return adapter(images, clip_logits(images, texts, scale))
+    if isinstance(adapter, LinearHead):  # the whole classifier: the texts are folded into it
+        return adapter(images)
     return clip_logits(adapter(images), texts, scale)
 
 

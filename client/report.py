@@ -60,6 +60,7 @@ class RunReport:
     prompt_steps: int | None = None
     adapter_epochs: int | None = None
     stopped_reason: str | None = None
+    items_not_needed: int | None = None  # planned items an early-stopping run did not spend
     plan: dict[str, Any] | None = None
     white_box: bool = False
     # The API tier the run needed (embeddings | predictions | full): the narrowest one offering
@@ -88,6 +89,11 @@ class RunReport:
             f"test accuracy {self.test_accuracy:.4f} (zero-shot {self.zero_shot_test_accuracy:.4f}), "
             f"val {self.val_accuracy:.4f}; queries: {q['calls']} calls, {q['items']} items, "
             f"{q['loss_evaluations']} loss evaluations; {self.wall_seconds:.0f} s"
+            + (
+                f"; stopped early ({self.stopped_reason}): {self.items_not_needed} planned items not needed"
+                if self.items_not_needed
+                else ""
+            )
         )
 
 

@@ -7,7 +7,9 @@ how the method runs (client/methods.py), this module dispatches it:
   (`run_on_predictions`), never seeing a feature;
 - `feature`: a feature method (`run_feature_method`);
 - `whitebox`: the in-process CoOp reference, launched as its own process
-  (`python -m benchmarks.whitebox`) because it loads the model, which a black-box client never does.
+  (`python -m benchmarks.whitebox`) because it loads the model, which a black-box client never does;
+- `collab`: the default `cbbt` (`run_collaborative`), or with `--estimator faithful` CBBT's
+  released recipe (`cbbt-paper`).
 """
 
 from __future__ import annotations
@@ -24,11 +26,20 @@ from pathlib import Path
 from typing import Any
 
 from client.api import ModelApi
+from client.collab import run_collaborative
 from client.data import FewShotSplit
 from client.errors import CbbtError, RequestError
 from client.feature_methods import run_feature_method
 from client.features import FeatureStore
-from client.methods import MethodSpec, feature_config_for, tune_config_for, whitebox_settings
+from client.methods import (
+    METHODS,
+    MethodSpec,
+    collab_config_for,
+    feature_config_for,
+    runs_paper_recipe,
+    tune_config_for,
+    whitebox_settings,
+)
 from client.prediction_tier import DEFAULT_BATCH, run_on_predictions
 from client.progress import NO_PROGRESS, Progress
 from client.report import RunReport
@@ -99,6 +110,9 @@ def run_method(
     """Run it; returns its report (also in `run.folder`). `on_plan` hears the run's planned
     cost before anything is spent."""
     spec = run.method
+    if runs_paper_recipe(spec, run.flags):
+        logger.info("%s --estimator faithful: CBBT's released recipe (cbbt-paper)", spec.name)
+        spec = METHODS["cbbt-paper"]
     if spec.kind == "whitebox":
         return run_whitebox(run, local_model)
     if api is None or features is None:
@@ -107,6 +121,10 @@ def run_method(
     ctx = RunContext(api, features, run.split, run.folder, spec.name, progress, on_plan)
     if spec.kind == "feature":
         return run_feature_method(ctx, feature_config_for(spec, run.run_settings))
+    if spec.kind == "collab":
+        if resume:
+            logger.warning("%s keeps no checkpoint: features come from the cache, the rest reruns", spec.name)
+        return run_collaborative(ctx, collab_config_for(spec, run.flags, run.run_settings))
     cfg = tune_config_for(spec, run.flags, run.run_settings)
     if tier_of_client(api) == Tier.predictions:
         batch = cfg.batch_size if cfg.batch_size > 0 else DEFAULT_BATCH

@@ -76,10 +76,11 @@ def tier_of_client(client: object) -> Tier:
 
 
 def needed_tier(spec: MethodSpec) -> Tier:
-    """The narrowest tier a method can run on, from how it runs: feature methods need image and
-    text features; a tuner of the prompt alone (or none) needs only the loss; the rest, soft
-    prompts' class features."""
-    if spec.kind == "feature":
+    """The narrowest tier a method can run on, from how it runs: feature methods (and the
+    collaborative `cbbt`, which skips its prompt stage without soft prompts) need image and text
+    features; a tuner of the prompt alone (or none) needs only the loss; the rest, soft prompts'
+    class features."""
+    if spec.kind == "feature" or spec.kind == "collab":  # collab: its feature stages only there
         return Tier.embeddings
     if spec.kind == "tune" and spec.settings.get("method") in ("cbbt-prompt", "zero-shot"):
         return Tier.predictions

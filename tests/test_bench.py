@@ -102,7 +102,7 @@ def test_define_adds_a_tuner_variant() -> None:
         "cbbt",
         {"antithetic": True, "directions": 16, "mu": None},
     )
-    spec = register_method("cbbt-test-variant", based_on="cbbt", antithetic=True, directions=16)
+    spec = register_method("cbbt-test-variant", based_on="cbbt-paper", antithetic=True, directions=16)
     try:
         assert spec.kind == "tune"
         assert spec.settings == {
@@ -112,9 +112,14 @@ def test_define_adds_a_tuner_variant() -> None:
             "directions": 16,
         }
         with pytest.raises(RequestError, match="unknown TuneConfig fields"):
-            register_method("bad", based_on="cbbt", no_such_field=1)
+            register_method("bad", based_on="cbbt-paper", no_such_field=1)
+        collab = register_method("cbbt-test-collab", based_on="cbbt", patience=3)
+        assert collab.kind == "collab" and collab.settings == {"patience": 3}
+        with pytest.raises(RequestError, match="unknown CollabConfig fields"):
+            register_method("bad", based_on="cbbt", adapter_epochs=3)
     finally:
         METHODS.pop("cbbt-test-variant", None)
+        METHODS.pop("cbbt-test-collab", None)
 
 
 def test_whitebox_forward_matches_the_served_features_and_runs(tmp_path: Path) -> None:

@@ -521,7 +521,7 @@ def test_baseline_appends_the_base_point_last_and_hides_it_from_the_optimiser() 
 def test_each_method_gets_its_benchmarked_default_estimator() -> None:
     from client.methods import method, tune_config_for
 
-    def config(name: str = "cbbt", **flags: object) -> TuneConfig:
+    def config(name: str = "cbbt-paper", **flags: object) -> TuneConfig:
         return tune_config_for(method(name), flags, {"shots": 4, "seed": 1})
 
     assert config().estimator == "faithful"

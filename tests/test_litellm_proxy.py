@@ -147,7 +147,7 @@ def test_tune_through_litellm_beats_zero_shot_and_matches_the_ledger(
 def test_soft_prompt_methods_are_refused_naming_the_tier(proxy: str, model_id: str, tmp_path: Path) -> None:
     done = _cbbt(
         proxy,
-        "tune", "--api", "openai", "--model", model_id, "--method", "cbbt", "--data", "digits",
+        "tune", "--api", "openai", "--model", model_id, "--method", "cbbt-paper", "--data", "digits",
         "--out", str(tmp_path / "refused"), "--no-progress",
     )  # fmt: skip
     assert done.returncode != 0

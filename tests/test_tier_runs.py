@@ -79,13 +79,13 @@ def test_a_feature_method_on_the_prediction_tier_is_refused_naming_its_tier(
 def test_a_soft_prompt_method_on_the_prediction_tier_is_refused(
     server: ServerProcess, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    key = _key(server, "pred-cbbt", "predictions")
+    key = _key(server, "pred-adapter", "predictions")
     argv = ["tune", *_connection(server, key, "predictions", tmp_path / "cache"), *SMALL,
-            "--method", "cbbt", "--out", str(tmp_path / "run")]  # fmt: skip
+            "--method", "adapter", "--out", str(tmp_path / "run")]  # fmt: skip
     assert main(argv) != 0
     message = " ".join(r.getMessage() for r in caplog.records if r.levelname == "ERROR")
-    assert "cbbt needs" in message and "the full tier" in message
-    assert _spent(server, "pred-cbbt") == 0
+    assert "adapter needs" in message and "the full tier" in message
+    assert _spent(server, "pred-adapter") == 0
 
 
 def test_bench_reports_the_tier_each_method_used(server: ServerProcess, tmp_path: Path) -> None:

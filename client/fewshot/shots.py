@@ -34,6 +34,21 @@ class Shots:
         feats = features.unsqueeze(1) if features.ndim == 2 else features
         return cls(F.normalize(feats.float(), dim=-1), labels.long(), num_classes)
 
+    @classmethod
+    def pooled(
+        cls,
+        train: torch.Tensor,
+        train_labels: torch.Tensor,
+        val: torch.Tensor,
+        val_labels: torch.Tensor,
+        num_classes: int,
+    ) -> Shots:
+        """The training shots `[N, V, D]` and the validation images `[Nv, D]` as one pool;
+        a validation image's one view is repeated V times, so every image weighs the same."""
+        views = train.shape[1]
+        feats = torch.cat([train, val.unsqueeze(1).expand(-1, views, -1)])
+        return cls.of(feats, torch.cat([train_labels, val_labels]), num_classes)
+
     @property
     def dim(self) -> int:
         return int(self.features.shape[2])
