@@ -83,6 +83,9 @@ class CollabConfig:
     init_text: str = "a photo of a"  # the template the priors start from
     prompt_steps: int = 100  # at most; patience usually stops it long before
     patience: int = 12  # steps without a better held-out loss before stopping
+    # The prompt trains at weight max(w*, floor), w* fitted to the current prompt: at w = 0 the
+    # loss would not depend on the prompt at all, and its estimated gradient would be zero.
+    weight_floor: float = 0.25
     # Many classes: perturbed prompts are scored on at most this many classes a step (half
     # drawn at random, half the hardest negatives of those), plus one all-class call for the
     # current prompt; see client/fewshot/stack.py `pick_classes` and docs/benchmarks.md.
@@ -193,43 +196,44 @@ class PromptResult:
 
 
 class StackedLoss:
-    """The prompt stage's oracle: P soft prompts -> P losses of `base + w·z_θ` on the prompt's
-    training images, w fitted per prompt; ONE request (P prompts x C classes) per call."""
+    """The prompt stage's oracle: P soft prompts -> P cross-entropies of `base + w·z_θ` on the
+    prompt's training images at the step's weight w; ONE request (P prompts x C classes)."""
 
     def __init__(
         self, api: ModelApi, classes: Sequence[str], shape: torch.Size, images: torch.Tensor,
-        base: torch.Tensor, labels: torch.Tensor, scale: float, key: str,
+        base: torch.Tensor, labels: torch.Tensor, scale: float, key: str, weight: float,
     ) -> None:  # fmt: skip
         self.api, self.classes, self.shape, self.key = api, list(classes), shape, key
         self.images, self.base, self.labels, self.scale = images, base, labels, scale
+        self.weight = weight
         self.text_features: torch.Tensor | None = None
 
     def __call__(self, points: torch.Tensor) -> torch.Tensor:
         texts = prompt_text_features(self.api, points.reshape(-1, *self.shape), self.classes, self.key)
         self.text_features = texts
         with torch.no_grad():
-            return torch.tensor(
-                [
-                    best_weight(self.base, clip_logits(self.images, t, self.scale), self.labels).loss
-                    for t in texts
-                ],
-                dtype=torch.float64,
-            )
+            losses = [
+                F.cross_entropy(
+                    self.base + self.weight * clip_logits(self.images, t, self.scale), self.labels
+                )
+                for t in texts
+            ]
+        return torch.stack(losses).double()
 
 
 def subset_loss(
     api: ModelApi, classes: Sequence[str], shape: torch.Size, images: torch.Tensor, base: torch.Tensor,
-    labels: torch.Tensor, scale: float, key: str, subset: torch.Tensor | None,
+    labels: torch.Tensor, scale: float, key: str, weight: float, subset: torch.Tensor | None,
 ) -> StackedLoss:  # fmt: skip
     """The oracle on every class, or on `subset`: its classes' images, logits and names only."""
     if subset is None:
-        return StackedLoss(api, classes, shape, images, base, labels, scale, key)
+        return StackedLoss(api, classes, shape, images, base, labels, scale, key, weight)
     keep = torch.isin(labels, subset)
     remap = torch.full((len(classes),), -1, dtype=torch.long)
     remap[subset] = torch.arange(subset.numel())
     names = [classes[i] for i in subset.tolist()]
     return StackedLoss(
-        api, names, shape, images[keep], base[keep][:, subset], remap[labels[keep]], scale, key
+        api, names, shape, images[keep], base[keep][:, subset], remap[labels[keep]], scale, key, weight
     )
 
 
@@ -359,8 +363,9 @@ def tune_prompt_on_top(
                     else base[tr]
                 )
                 subset = pick_classes(stacked, labels[tr], cfg.class_subset, class_generator)
+            train_weight = max(weight, cfg.weight_floor)
             oracle = subset_loss(
-                api, classes, theta.shape, images[tr], base[tr], labels[tr], scale, key, subset
+                api, classes, theta.shape, images[tr], base[tr], labels[tr], scale, key, train_weight, subset
             )
             try:
                 outcome = stepper.step(step, theta, oracle)
