@@ -111,7 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(parser, top=True)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    tune = sub.add_parser("tune", help="tune a method (default: cbbt, prompt + adapter) against a server")
+    tune = sub.add_parser("tune", help="tune a method against a server (default cbbt: CV-chosen feature method + a prompt on top)")
     _add_common(tune)
     _add_connection(tune)
     _add_data(tune)
