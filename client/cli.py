@@ -111,7 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(parser, top=True)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    tune = sub.add_parser("tune", help="tune a method against a server (default cbbt: CV-chosen feature method + a prompt on top)")
+    tune = sub.add_parser(
+        "tune", help="tune a method against a server (default cbbt: the CV-chosen feature method + a prompt)"
+    )
     _add_common(tune)
     _add_connection(tune)
     _add_data(tune)
