@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -111,7 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(parser, top=True)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    tune = sub.add_parser("tune", help="tune a method (default: cbbt, prompt + adapter) against a server")
+    tune = sub.add_parser(
+        "tune", help="tune a method against a server (default cbbt: the CV-chosen feature method + a prompt)"
+    )
     _add_common(tune)
     _add_connection(tune)
     _add_data(tune)
@@ -242,6 +246,25 @@ HANDLERS: dict[str, Callable[[argparse.Namespace], int]] = {
 }
 
 
+@contextmanager
+def _sigterm_unwinds() -> Iterator[None]:
+    """SIGTERM unwinds like Ctrl-C: Python's default would exit without running `finally`
+    blocks, leaving the server `demo` and `bench --local` started running as an orphan."""
+
+    def interrupt(_signum: int, _frame: object) -> None:
+        raise KeyboardInterrupt
+
+    try:
+        previous = signal.signal(signal.SIGTERM, interrupt)
+    except ValueError:  # not the main thread: leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     level = logging.DEBUG if args.debug else logging.INFO if args.verbose else logging.WARNING
@@ -250,7 +273,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request drowns the progress
     try:
-        return HANDLERS[args.command](args)
+        with _sigterm_unwinds():
+            return HANDLERS[args.command](args)
     except CbbtError as exc:  # what the user can act on: one line naming the fix
         logger.error("%s", exc, exc_info=args.debug)
         return exc.exit_code

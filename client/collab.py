@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from client.adapters import LinearHead, clip_logits
 from client.api import ModelApi
 from client.artifact import Artifact, save_artifact
-from client.errors import BudgetTooSmall, CredentialsError, QuotaExhausted, RequestError
+from client.errors import CredentialsError, QuotaExhausted, RequestError
 from client.estimators import EstimatorConfig
 from client.feature_methods import fit_logit_scale
 from client.fewshot.methods import default_methods
@@ -53,6 +53,7 @@ from client.fewshot.stack import (
 from client.fewshot.templates import SINGLE_TEMPLATE, class_texts, ensemble, template_set
 from client.model import score
 from client.oracle import prompt_text_features
+from client.plan import check_features_and_texts
 from client.report import RunReport, finish_report
 from client.run_context import RunContext, SplitFeatures
 from client.selection import CurvePoint, curve_point
@@ -152,13 +153,7 @@ def make_collab_plan(
     cfg: CollabConfig, *, feature_items: int, classes: int, soft_prompts: bool
 ) -> CollabPlan:
     text_items = classes * len(template_set(cfg.template_set))
-    fixed = feature_items + text_items
-    if cfg.budget is not None and fixed > cfg.budget:
-        raise BudgetTooSmall(
-            f"a budget of {cfg.budget} items cannot pay for the image features and the class texts "
-            f"({feature_items} + {text_items} = {fixed} items); "
-            "raise --budget or lower --views/--test-per-class"
-        )
+    fixed = check_features_and_texts(feature_items=feature_items, text_items=text_items, budget=cfg.budget)
     scored = min(classes, cfg.class_subset)
     per_step = points_per_step("estimator", 1, cfg.estimator_config()) * scored
     if scored < classes:

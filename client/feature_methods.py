@@ -54,12 +54,13 @@ from client.adapters import (
     search_alpha_beta,
 )
 from client.api import ModelApi
-from client.errors import BudgetTooSmall, RequestError
+from client.errors import RequestError
 from client.fewshot.methods import default_methods
 from client.fewshot.select import select_and_fit
 from client.fewshot.shots import Shots
 from client.fewshot.templates import class_texts, ensemble, template_set
 from client.model import score
+from client.plan import check_features_and_texts
 from client.report import RunReport, finish_report
 from client.run_context import RunContext, SplitFeatures
 from client.selection import better, curve_point
@@ -551,13 +552,7 @@ def run_feature_method(ctx: RunContext, cfg: FeatureConfig) -> RunReport:
     templates = [cfg.template] if cfg.template_set == "single" else template_set(cfg.template_set)
     search = SearchPool.of(cfg, classes) if cfg.method in NEEDS_TEMPLATES else None
     text_items = len(classes) * len(templates) + (search.items if search is not None else 0)
-    fixed = full_price + text_items
-    if cfg.budget is not None and fixed > cfg.budget:
-        raise BudgetTooSmall(
-            f"a budget of {cfg.budget} items cannot pay for the image features and the class texts "
-            f"({full_price} + {text_items} = {fixed} items); "
-            "raise --budget or lower --views/--test-per-class"
-        )
+    check_features_and_texts(feature_items=full_price, text_items=text_items, budget=cfg.budget)
     missing = ctx.feature_items(cfg.views, missing=True)  # what this run pays for
     counter = api.counter
     if ctx.on_plan is not None:

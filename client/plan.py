@@ -20,7 +20,7 @@ from client.errors import BudgetTooSmall
 logger = logging.getLogger(__name__)
 
 
-__all__ = ["BudgetTooSmall", "Plan", "check_fixed_costs", "make_plan"]
+__all__ = ["BudgetTooSmall", "Plan", "check_features_and_texts", "check_fixed_costs", "make_plan"]
 
 
 @dataclass(frozen=True)
@@ -78,6 +78,19 @@ def check_fixed_costs(*, feature_items: int, num_classes: int, budget: int | Non
             "raise --budget or lower --views/--test-per-class"
         )
     return init_items
+
+
+def check_features_and_texts(*, feature_items: int, text_items: int, budget: int | None) -> int:
+    """The fixed cost of a run that buys image features and class texts (feature methods, the
+    default `cbbt`); BudgetTooSmall before any spending when the budget cannot pay for it."""
+    fixed = feature_items + text_items
+    if budget is not None and fixed > budget:
+        raise BudgetTooSmall(
+            f"a budget of {budget} items cannot pay for the image features and the class texts "
+            f"({feature_items} + {text_items} = {fixed} items); "
+            "raise --budget or lower --views/--test-per-class"
+        )
+    return fixed
 
 
 def make_plan(

@@ -137,7 +137,11 @@ class ServerProcess:
                 start_new_session=True,
             )
         if wait:
-            self.wait_ready()
+            try:
+                self.wait_ready()
+            except BaseException:  # Ctrl-C or SIGTERM while starting: `__exit__` will not run
+                self.stop()
+                raise
         return self
 
     def wait_ready(self, timeout_s: float | None = None) -> None:

@@ -329,7 +329,7 @@ def test_the_fast_estimator_runs_end_to_end(tiny_server: ServerProcess, tmp_path
         "tune", "--server", tiny_server.url, "--api-key", key.secret,
         "--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "run"),
         "--shots", "4", "--views", "2", "--seed", "2", "--no-progress", *TINY_DATA,
-        "--budget", "1200", "--adapter-epochs", "3", "--estimator", "fast",
+        "--budget", "1200", "--adapter-epochs", "3", "--method", "cbbt-paper", "--estimator", "fast",
     ]  # fmt: skip
     assert cbbt(argv) == 0
     report = read_report(tmp_path / "run")

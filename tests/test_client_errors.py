@@ -5,8 +5,10 @@ naming the fix, and no traceback; `--debug` shows the traceback."""
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -160,3 +162,46 @@ def test_bad_input_is_one_line_too(tmp_path: Path) -> None:
     assert_one_line_error(outcome, RequestError.exit_code)
     outcome = cbbt("tune", "--data", "digits", "--out", str(tmp_path / "run"), "--method", "no-such-method")
     assert_one_line_error(outcome, RequestError.exit_code, "unknown method 'no-such-method'")
+
+
+def _server_pids(db: Path) -> list[int]:
+    """Processes serving `db` (their command lines name it)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                command = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                continue
+            if "server.cli" in command and str(db) in command:
+                found.append(int(entry.name))
+    return found
+
+
+def test_sigterm_on_a_local_bench_stops_the_server_it_started(tmp_path: Path) -> None:
+    out = tmp_path / "bench"
+    db = out / "server" / "server.db"
+    argv = [
+        "bench", "--local", "--local-model", "cbbt-tiny", "--local-pretrained", "none", "--data", "digits",
+        "--methods", "cbbt", "--shots", "4", "--seeds", "1", "--views", "1", "--test-per-class", "5",
+        "--out", str(out), "--cache-dir", str(tmp_path / "cache"), "--no-progress",
+    ]  # fmt: skip
+    environment = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    bench = subprocess.Popen(
+        [sys.executable, "-m", "client.cli", *argv], cwd=REPO_ROOT, env=environment,
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + CLI_TIMEOUT_S
+        while not _server_pids(db) and bench.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert _server_pids(db), "the bench never started its server"
+        bench.send_signal(signal.SIGTERM)
+        assert bench.wait(timeout=CLI_TIMEOUT_S) == 130
+    finally:
+        if bench.poll() is None:
+            bench.kill()
+    deadline = time.monotonic() + 30
+    while _server_pids(db) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert _server_pids(db) == []
