@@ -18,6 +18,7 @@ import torch
 from PIL import Image
 
 from client.adapters import ResidualAdapter, TipAdapter, adapter_state
+from client.api import QueryCounter
 from client.artifact import CONFIG_FILE, TENSORS_FILE, Artifact, load_artifact, save_artifact
 from client.data import Example
 from client.estimators import EstimatorConfig
@@ -255,6 +256,7 @@ class FakeClient:
 
     model_id: str = "model-a"
     calls: list[tuple[int, str | None]] = field(default_factory=list)
+    counter: QueryCounter = field(default_factory=QueryCounter)  # api.ImageEmbedder has one
 
     def model_card(self) -> _Card:
         return _Card(self.model_id)
