@@ -119,7 +119,15 @@ def collab_config(values: dict[str, object]) -> CollabConfig:
             f"(its settings: {', '.join(sorted(names))}); use --method cbbt-paper for CBBT's own loop"
         )
     if "methods" in values:
-        values = {**values, "methods": tuple(values["methods"])}  # type: ignore[arg-type]
+        given = values["methods"]
+        methods = tuple(str(m) for m in given) if isinstance(given, list | tuple) else (str(given),)
+        outside = sorted(set(methods) - set(LINEAR_METHODS))
+        if not methods or outside:
+            raise RequestError(
+                f"the default cbbt chooses among linear heads only ({', '.join(LINEAR_METHODS)}); "
+                f"got {', '.join(outside) or 'none'} (fewshot-cv runs the others)"
+            )
+        values = {**values, "methods": methods}
     return CollabConfig(**values)  # type: ignore[arg-type]
 
 

@@ -117,6 +117,10 @@ def test_define_adds_a_tuner_variant() -> None:
         assert collab.kind == "collab" and collab.settings == {"patience": 3}
         with pytest.raises(RequestError, match="unknown CollabConfig fields"):
             register_method("bad", based_on="cbbt", adapter_epochs=3)
+        from client.collab import collab_config
+
+        with pytest.raises(RequestError, match="linear heads only"):
+            collab_config({"methods": ["gda", "tip-adapter"]})
     finally:
         METHODS.pop("cbbt-test-variant", None)
         METHODS.pop("cbbt-test-collab", None)
