@@ -38,7 +38,7 @@ from client.api import ModelApi
 from client.artifact import Artifact, save_artifact
 from client.errors import CredentialsError, QuotaExhausted, RequestError
 from client.estimators import EstimatorConfig
-from client.feature_methods import fit_logit_scale
+from client.feature_methods import buy_template_texts, fit_logit_scale
 from client.fewshot.methods import default_methods
 from client.fewshot.select import Selection, select_and_fit
 from client.fewshot.shots import Shots
@@ -50,7 +50,7 @@ from client.fewshot.stack import (
     holdout_split,
     pick_classes,
 )
-from client.fewshot.templates import SINGLE_TEMPLATE, class_texts, ensemble, template_set
+from client.fewshot.templates import SINGLE_TEMPLATE, ensemble, template_set
 from client.model import score
 from client.oracle import prompt_text_features
 from client.plan import check_features_and_texts
@@ -261,9 +261,7 @@ def run_collaborative(ctx: RunContext, cfg: CollabConfig) -> RunReport:
     # Features: images, then the template set's class texts (the priors).
     data = ctx.fetch_features(cfg.views)
     templates = template_set(cfg.template_set)
-    per_template = torch.from_numpy(api.embed_texts(class_texts(templates, classes)))
-    per_template = per_template.view(len(templates), len(classes), -1)
-    api.counter.loss_evaluations += len(templates)
+    per_template = buy_template_texts(api, templates, classes)
     priors = {"ensemble": ensemble(per_template)}
     if SINGLE_TEMPLATE in templates:
         priors["template"] = per_template[templates.index(SINGLE_TEMPLATE)]
@@ -440,9 +438,10 @@ def save_collab_artifact(
     prior: torch.Tensor,
     card: dict[str, object],
 ) -> None:
-    used = prompt is not None and prompt.accepted and prompt.theta is not None
-    context = prompt.theta if used and prompt is not None and prompt.theta is not None else torch.zeros(0, 0)
-    texts = prompt.texts if used and prompt is not None and prompt.texts is not None else prior
+    # The prompt's context and class features when the head includes it, else the prior's.
+    context, texts = torch.zeros(0, 0), prior
+    if prompt is not None and prompt.accepted and prompt.theta is not None and prompt.texts is not None:
+        context, texts = prompt.theta, prompt.texts
     artifact = Artifact(
         context=context,
         class_names=list(ctx.split.class_names),

@@ -537,6 +537,14 @@ class SearchPool:
         return features[rows]
 
 
+def buy_template_texts(api: ModelApi, templates: list[str], classes: list[str]) -> torch.Tensor:
+    """`[T, C, D]` class text features of every template, in plain-text queries (T x C items),
+    counted as one prompt evaluation per template."""
+    per_template = torch.from_numpy(api.embed_texts(class_texts(templates, classes)))
+    api.counter.loss_evaluations += len(templates)
+    return per_template.view(len(templates), len(classes), -1)
+
+
 def run_feature_method(ctx: RunContext, cfg: FeatureConfig) -> RunReport:
     started = time.time()
     api, split = ctx.api, ctx.split
@@ -558,9 +566,7 @@ def run_feature_method(ctx: RunContext, cfg: FeatureConfig) -> RunReport:
     if ctx.on_plan is not None:
         ctx.on_plan(f"features: {full_price} items ({missing} not cached); class texts: {text_items} items")
     images = ctx.fetch_features(cfg.views)
-    per_template = torch.from_numpy(api.embed_texts(class_texts(templates, classes)))
-    per_template = per_template.view(len(templates), len(classes), -1)
-    counter.loss_evaluations += len(templates)  # one "prompt evaluation" per template (C texts)
+    per_template = buy_template_texts(api, templates, classes)
     text = per_template[0] if len(templates) == 1 else ensemble(per_template)
     searched_texts = None
     if search is not None:  # discrete prompt search: every distinct text, in text queries
