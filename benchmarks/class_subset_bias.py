@@ -33,9 +33,9 @@ from client.adapters import clip_logits
 from client.collab import CollabConfig
 from client.data import few_shot_split, load_dataset
 from client.fewshot.methods import default_methods
-from client.fewshot.select import choose, cross_validate
+from client.fewshot.select import calibrate, choose, cross_validate
 from client.fewshot.shots import Shots
-from client.fewshot.stack import best_weight, calibrate, pick_classes
+from client.fewshot.stack import best_weight, pick_classes
 from client.fewshot.templates import ensemble
 from server.backends.base import PromptItem
 from server.backends.registry import create_backend

@@ -16,6 +16,7 @@ State dicts are plain, contiguous CPU tensors (`adapter_state`) so they save wit
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -30,6 +31,19 @@ def clip_logits(
 ) -> torch.Tensor:
     """scale · normalize(image) @ normalize(text)ᵀ: `[N, D] × [C, D] → [N, C]`."""
     return scale * F.normalize(image_features, dim=-1) @ F.normalize(text_features, dim=-1).T
+
+
+def power_features(features: torch.Tensor, power: float) -> torch.Tensor:
+    """normalize(sign(x)·|x|^β): the power transform few-shot classifiers fit better on.
+
+    Image features are skewed (ReLU towers give sparse, non-negative ones); β < 1 compresses
+    the large coordinates and lifts the small ones, which brings the class clusters closer to
+    the Gaussians GDA assumes and to what a linear probe separates well (Hu et al., "Leveraging
+    the feature distribution in transfer-based few-shot learning", 2021). β = 1 is the
+    identity on unit features. Invertible, so no information is lost."""
+    if power == 1.0:
+        return F.normalize(features, dim=-1)
+    return F.normalize(features.sign() * features.abs().pow(power), dim=-1)
 
 
 def adapter_state(adapter: nn.Module) -> dict[str, torch.Tensor]:
@@ -176,16 +190,47 @@ def search_alpha_beta(
 
 
 class LinearHead(nn.Module):
-    """A fixed linear classifier on unit features, logits = normalize(x)·Wᵀ + b: the default
-    `cbbt` method's artifact (client/collab.py), whatever feature method and prompt made it."""
+    """A fixed linear classifier, logits = normalize(x)·Wᵀ + b + Σ_β power_features(x, β)·W_βᵀ:
+    the default `cbbt` method's artifact (client/collab.py), whatever feature methods and
+    prompt made it. The β terms are there when a method was fitted on power-transformed
+    features (client/fewshot/methods.py)."""
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor) -> None:
+    def __init__(
+        self,
+        weight: torch.Tensor,
+        bias: torch.Tensor,
+        power_weights: Mapping[float, torch.Tensor] | None = None,
+    ) -> None:
         super().__init__()
         self.weight = nn.Parameter(weight.detach().clone(), requires_grad=False)
         self.bias = nn.Parameter(bias.detach().clone(), requires_grad=False)
+        given = dict(power_weights or {})
+        if 1.0 in given:
+            raise ValueError("β = 1 is the served space: its weight is `weight`")
+        self.powers = sorted(given, reverse=True)
+        self.power_weights = nn.ParameterList(
+            [nn.Parameter(given[p].detach().clone(), requires_grad=False) for p in self.powers]
+        )
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        return F.normalize(features, dim=-1) @ self.weight.T + self.bias
+        logits = F.normalize(features, dim=-1) @ self.weight.T + self.bias
+        for power, weight in zip(self.powers, self.power_weights, strict=True):
+            logits = logits + power_features(features, power) @ weight.T
+        return logits
+
+    def state(self) -> dict[str, torch.Tensor]:
+        """The tensors an artifact stores (the βs as one 1-d tensor)."""
+        out = {"weight": self.weight.detach(), "bias": self.bias.detach()}
+        if self.powers:
+            out["powers"] = torch.tensor(self.powers, dtype=torch.float64)
+            out.update({f"power_weight.{i}": w.detach() for i, w in enumerate(self.power_weights)})
+        return out
+
+    @classmethod
+    def from_state(cls, state: Mapping[str, torch.Tensor]) -> LinearHead:
+        powers = state["powers"].tolist() if "powers" in state else []
+        extra = {float(p): state[f"power_weight.{i}"] for i, p in enumerate(powers)}
+        return cls(state["weight"], state["bias"], extra)
 
 
 class LinearProbe(nn.Module):

@@ -47,7 +47,7 @@ class Artifact:
         if self.adapter_kind == "tip":
             return TipAdapter.from_state_dict(self.adapter_state).eval()
         if self.adapter_kind == "linear":
-            return LinearHead(self.adapter_state["weight"], self.adapter_state["bias"]).eval()
+            return LinearHead.from_state(self.adapter_state).eval()
         ratio = float(self.config.get("adapter_ratio", 0.2))
         adapter = ResidualAdapter(int(self.class_text_features.shape[1]), ratio=ratio)
         adapter.load_state_dict(self.adapter_state)

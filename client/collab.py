@@ -33,19 +33,18 @@ from dataclasses import asdict, dataclass, fields
 import torch
 import torch.nn.functional as F
 
-from client.adapters import LinearHead, clip_logits
+from client.adapters import LinearHead, clip_logits, power_features
 from client.api import ModelApi
 from client.artifact import Artifact, save_artifact
 from client.errors import CredentialsError, QuotaExhausted, RequestError
 from client.estimators import EstimatorConfig
 from client.feature_methods import buy_template_texts, fit_logit_scale
-from client.fewshot.methods import default_methods
-from client.fewshot.select import Selection, select_and_fit
+from client.fewshot.methods import Classifier, SpacedClassifier, default_methods
+from client.fewshot.select import Selection, calibrate, select_and_fit
 from client.fewshot.shots import Shots
 from client.fewshot.stack import (
     as_linear_head,
     best_weight,
-    calibrate,
     evaluate_weight,
     holdout_split,
     pick_classes,
@@ -80,6 +79,8 @@ class CollabConfig:
     template_set: str = "openai80"
     cv_folds: int | None = None  # None: <= 5, as the rarest class allows
     methods: tuple[str, ...] = LINEAR_METHODS
+    # Ensembles of the top 2-3 methods (their calibrated logits averaged: still a linear head).
+    cv_ensembles: bool = True
     # The prompt stage.
     init_text: str = "a photo of a"  # the template the priors start from
     prompt_steps: int = 100  # at most; patience usually stops it long before
@@ -278,7 +279,7 @@ def run_collaborative(ctx: RunContext, cfg: CollabConfig) -> RunReport:
     shots = Shots.pooled(data.train, data.train_labels, data.val, data.val_labels, len(classes))
     known = default_methods()
     chosen = {m: known[m] for m in cfg.methods}
-    selection = select_and_fit(shots, priors, scale, chosen, folds=cfg.cv_folds, ensembles=False)
+    selection = select_and_fit(shots, priors, scale, chosen, folds=cfg.cv_folds, ensembles=cfg.cv_ensembles)
     logger.info("feature method: %s, CV accuracy %.4f", selection.choice.describe(), selection.cv_accuracy)
     curve.append(curve_point(1, selection.cv_accuracy, math.nan, api.counter))
 
@@ -318,7 +319,7 @@ def tune_prompt_on_top(
     """Prompt steps on the chosen method's out-of-fold logits; early stopping on held-out images."""
     api, classes = ctx.api, list(ctx.split.class_names)
     run_id = uuid.uuid4().hex  # idempotency keys: a retried step is replayed, never charged twice
-    oof = selection.cv.oof[selection.choice.members[0]]
+    oof = selection.oof_logits()
     temperature = calibrate(oof, shots.labels)
     base = temperature * oof
     images, labels = shots.features[:, 0], shots.labels
@@ -409,25 +410,40 @@ def tune_prompt_on_top(
 
 
 def final_head(selection: Selection, prompt: PromptResult | None, shots: Shots, scale: float) -> LinearHead:
-    """The chosen method refitted on every labelled image, plus the prompt's logits (at the
-    weight the held-out images validated) if they helped on the held-out images."""
-    classifier = selection.classifier
+    """The chosen method(s) refitted on every labelled image, plus the prompt's logits (at the
+    weight the held-out images validated) if they helped on the held-out images.
+
+    Each feature space's part (the served features, and each power transform a method was
+    fitted on) is read off in its own space and checked there; the prompt is a part on the
+    served features."""
+    classifier = SpacedClassifier.of(selection.classifier)
     if prompt is not None and prompt.accepted:
         assert prompt.texts is not None
         # The weight the held-out images validated (fitted on the prompt's training images):
         # refitting it on all of them would reuse the images the prompt was tuned on.
-        feature, texts, a, weight = selection.classifier, prompt.texts, prompt.temperature, prompt.weight
+        texts = prompt.texts
 
-        def classifier(features: torch.Tensor) -> torch.Tensor:
-            return a * feature(features) + weight * clip_logits(features, texts, scale)
+        def prompt_logits(features: torch.Tensor) -> torch.Tensor:
+            return clip_logits(features, texts, scale)
 
+        classifier = SpacedClassifier.total([classifier, prompt_logits], [prompt.temperature, prompt.weight])
     probe = shots.features[:, 0]
-    head = as_linear_head(lambda x: classifier(F.normalize(x, dim=-1)), shots.dim, probe)
-    if head is None:  # only a non-linear feature method gets here (not in LINEAR_METHODS)
+    parts: dict[float, LinearHead | None] = {}
+    for power in {1.0, *classifier.powers}:
+        part = classifier.part(power) if power in classifier.powers else _zeros(shots.num_classes)
+        parts[power] = as_linear_head(part, shots.dim, power_features(probe, power))
+    if any(head is None for head in parts.values()):  # only a non-linear method gets here
         raise RequestError(
             f"{selection.choice.describe()} is not a linear head; choose among {LINEAR_METHODS}"
         )
-    return head
+    heads = {power: head for power, head in parts.items() if head is not None}
+    served = heads.pop(1.0)
+    bias = served.bias + sum((h.bias for h in heads.values()), torch.zeros_like(served.bias))
+    return LinearHead(served.weight, bias, {power: h.weight for power, h in heads.items()})
+
+
+def _zeros(classes: int) -> Classifier:
+    return lambda feats: torch.zeros(feats.shape[0], classes)
 
 
 def save_collab_artifact(
@@ -447,7 +463,7 @@ def save_collab_artifact(
         class_names=list(ctx.split.class_names),
         class_text_features=texts,
         adapter_kind="linear",
-        adapter_state={"weight": head.weight, "bias": head.bias},
+        adapter_state=head.state(),
         model_card=card,
         config=asdict(cfg),
     )

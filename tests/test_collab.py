@@ -11,10 +11,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from client.adapters import TipAdapter, clip_logits
+from client.adapters import LinearHead, TipAdapter, clip_logits
 from client.cli import main as cbbt
+from client.collab import PromptResult, final_head
 from client.data import load_dataset
-from client.fewshot.stack import as_linear_head, best_weight, calibrate, holdout_split, pick_classes
+from client.fewshot.methods import default_methods
+from client.fewshot.select import Selection, calibrate, cross_validate, ensemble_of, refit
+from client.fewshot.shots import Shots
+from client.fewshot.stack import as_linear_head, best_weight, holdout_split, pick_classes
 from tests.helpers import ServerProcess
 from tests.test_client_e2e import TINY_DATA, Key, assert_ledger_matches, ledger, new_key, read_report
 
@@ -72,6 +76,36 @@ def test_a_linear_classifier_becomes_an_exact_head_and_a_cache_model_does_not() 
         return cache(x, clip_logits(x, text, 20.0))
 
     assert as_linear_head(tip, 16, feats) is None
+
+
+def test_an_ensemble_across_feature_spaces_with_a_prompt_is_saved_as_one_exact_head() -> None:
+    generator = torch.Generator().manual_seed(5)
+    classes, dim = 3, 16
+    centres = 3 * torch.rand(classes, dim, generator=generator)
+    labels = torch.arange(classes).repeat_interleave(10)
+    # Non-negative, sparse features, as a ReLU image tower gives.
+    raw = torch.relu(centres[labels] + torch.randn(labels.numel(), dim, generator=generator))
+    shots = Shots.of(raw, labels, classes)
+    prior = torch.randn(classes, dim, generator=generator)
+    priors = {"p": prior}
+    methods = {m: default_methods()[m] for m in ("gda", "linear-probe", "clap")}
+    cv = cross_validate(shots, priors, 20.0, list(methods.values()))
+    best = cv.best_per_method()
+    # Force members from two power spaces and the served one, plus a GDA fused with the prior.
+    fused = {"alpha": 1.0, "power": 0.5, "shrinkage": 0.5}
+    gda_fused = next(c for c in cv.oof if c.method == "gda" and dict(c.params) == fused)
+    probe = next(c for c in cv.oof if c.method == "linear-probe" and dict(c.params).get("power") == 0.25)
+    choice = ensemble_of(cv, [gda_fused, probe, best["clap"]])
+    selection = Selection(choice, refit(choice, shots, priors, 20.0, methods), cv)
+    texts = torch.randn(classes, dim, generator=generator)
+    prompt = PromptResult(None, texts, 0.4, 1.7, 0.1, 1.0, 0.2, 1.0, 3, 2, "patience", 6)
+    head = final_head(selection, prompt, shots, 20.0)
+    assert head.powers == [0.5, 0.25]
+    fresh = torch.relu(centres[labels] + torch.randn(labels.numel(), dim, generator=generator))
+    expected = 1.7 * selection.classifier(fresh) + 0.4 * clip_logits(fresh, texts, 20.0)
+    torch.testing.assert_close(head(fresh), expected, atol=1e-3, rtol=1e-3)
+    again = LinearHead.from_state(head.state())
+    torch.testing.assert_close(again(fresh), head(fresh))
 
 
 # -- whole runs -----------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from client.adapters import power_features
 from client.fewshot.gda import covariance_basis, fit_gda, fusion_scale
 from client.fewshot.methods import (
     AnchoredLinearProbe,
@@ -16,12 +17,21 @@ from client.fewshot.methods import (
     Gda,
     Params,
     PlainLinearProbe,
+    SpacedClassifier,
     TipCache,
     ZeroShot,
     default_methods,
 )
 from client.fewshot.probes import class_anchor_weights, fit_anchored_probe
-from client.fewshot.select import NO_PRIOR, choose, cross_validate, ensemble_logits, select_and_fit
+from client.fewshot.select import (
+    NO_PRIOR,
+    calibrate,
+    choose,
+    cross_validate,
+    ensemble_of,
+    refit,
+    select_and_fit,
+)
 from client.fewshot.shots import Shots, default_folds, stratified_folds
 from client.fewshot.templates import class_texts, ensemble, template_set
 
@@ -253,17 +263,68 @@ def test_methods_that_ignore_the_prior_are_fitted_once_per_fold() -> None:
     assert best.members[0].prior in {"a", NO_PRIOR}
 
 
-def test_ensemble_logits_average_probabilities() -> None:
-    a = torch.tensor([[10.0, 0.0]])
-    b = torch.tensor([[0.0, 10.0]])
-    probs = ensemble_logits([a, b]).exp()
-    assert torch.allclose(probs, torch.tensor([[0.5, 0.5]]), atol=1e-3)
+def test_an_ensemble_is_the_mean_of_its_members_calibrated_logits() -> None:
+    feats, labels, means = gaussians(12, seed=11)
+    shots = Shots.of(feats, labels, 3)
+    priors = {"p": F.normalize(means, dim=-1)}
+    methods = default_methods()
+    cv = cross_validate(shots, priors, SCALE, list(methods.values()))
+    best = cv.best_per_method()
+    members = [best["gda"], best["linear-probe"]]
+    choice = ensemble_of(cv, members)
+    temps = [calibrate(cv.oof[c], cv.labels) for c in members]
+    assert choice.temperatures == pytest.approx(temps)
+    # Scored on the averaged calibrated OOF logits, like any candidate.
+    mean_oof = (temps[0] * cv.oof[members[0]] + temps[1] * cv.oof[members[1]]) / 2
+    assert choice.score.accuracy == pytest.approx(float((mean_oof.argmax(1) == cv.labels).float().mean()))
+    # Refitted: the same combination of the members refitted on all shots.
+    fresh, _, _ = gaussians(5, seed=12)
+    fresh = fresh[:, 0]
+    ensemble = refit(choice, shots, priors, SCALE, methods)
+    singles = [methods[c.method].fit(FitContext(shots, priors["p"], SCALE))[c.params] for c in members]
+    expected = (temps[0] * singles[0](fresh) + temps[1] * singles[1](fresh)) / 2
+    torch.testing.assert_close(ensemble(fresh), expected, atol=1e-4, rtol=1e-4)
+
+
+def test_power_features_keep_sign_and_unit_norm_and_invert() -> None:
+    x = torch.randn(20, 8, generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(power_features(x, 1.0), F.normalize(x, dim=-1))
+    t = power_features(x, 0.5)
+    assert torch.equal(t.sign(), x.sign())
+    torch.testing.assert_close(t.norm(dim=-1), torch.ones(20))
+    torch.testing.assert_close(power_features(t, 2.0), F.normalize(x, dim=-1))  # no information lost
+
+
+def test_the_power_space_is_a_grid_axis_of_gda_and_the_probe() -> None:
+    feats, labels, means = gaussians(6, seed=13)
+    ctx = FitContext(Shots.of(feats, labels, 3), F.normalize(means, dim=-1), SCALE)
+    x = feats[:, 0]
+    for method in (Gda(), PlainLinearProbe()):
+        fitted = method.fit(ctx)
+        powers = {dict(p).get("power", 1.0) for p in fitted}
+        assert powers == {1.0, 0.5, 0.25}
+        for grid, classify in fitted.items():
+            power = dict(grid).get("power", 1.0)
+            if power == 1.0:
+                continue
+            assert isinstance(classify, SpacedClassifier) and power in classify.powers
+            assert classify(x).shape == (x.shape[0], 3)
+    # GDA alone in the power space is GDA fitted on the transformed shots.
+    only = Gda(shrinkages=(0.5,), alphas=(float("inf"),), powers=(0.5,)).fit(ctx)
+    (classify,) = only.values()
+    transformed = Shots.of(power_features(feats, 0.5), labels, 3)
+    model = fit_gda(transformed, 0.5)
+    flat, _ = ctx.flat
+    s = fusion_scale(ctx.zero_shot(flat), model.logits(power_features(flat, 0.5)))
+    torch.testing.assert_close(classify(x), s * model.logits(power_features(x, 0.5)), atol=1e-4, rtol=1e-4)
 
 
 def test_grids_are_complete() -> None:
     feats, labels, means = gaussians(5, seed=10)
     ctx = FitContext(Shots.of(feats, labels, 3), F.normalize(means, dim=-1), SCALE)
-    assert len(Gda(shrinkages=(0.1, 0.5), alphas=(1.0, float("inf"))).fit(ctx)) == 4
+    assert len(Gda(shrinkages=(0.1, 0.5), alphas=(1.0, float("inf"))).fit(ctx)) == 4 * 3  # x 3 powers
+    assert len(Gda(shrinkages=(0.1, 0.5), alphas=(1.0, float("inf")), powers=(1.0,)).fit(ctx)) == 4
+    assert len(PlainLinearProbe(weight_decays=(1e-3,), powers=(1.0, 0.5)).fit(ctx)) == 2
     assert len(TipCache(alphas=(1.0,), betas=(1.0, 2.0)).fit(ctx)) == 2
     assert len(AnchoredLinearProbe(strengths=(0.1,)).fit(ctx)) == 1
 

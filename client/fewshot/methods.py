@@ -19,15 +19,65 @@ import torch.nn.functional as F
 from client.adapters import TipAdapter, clip_logits
 from client.fewshot.gda import CovarianceBasis, covariance_basis, fusion_scale
 from client.fewshot.probes import fit_anchored_probe, fit_linear_probe
-from client.fewshot.shots import Shots
+from client.fewshot.shots import Shots, power_features
 
 Classifier = Callable[[torch.Tensor], torch.Tensor]
 # A grid point, hashable and printable: sorted (name, value) pairs.
 Params = tuple[tuple[str, float], ...]
 
+# The feature spaces GDA and the plain probe are fitted in (β of `power_features`; 1 = the
+# features as served). A grid axis like any other, so the CV keeps β = 1 where the transform
+# does not help (measured in docs/benchmarks.md, "The power transform").
+POWERS: tuple[float, ...] = (1.0, 0.5, 0.25)
+
 
 def params(**values: float) -> Params:
     return tuple(sorted(values.items()))
+
+
+def with_power(values: Params, power: float) -> Params:
+    """β joins a grid point only when it is not 1, so the served space's points keep their names."""
+    return values if power == 1.0 else tuple(sorted((*values, ("power", power))))
+
+
+@dataclass(frozen=True)
+class SpacedClassifier:
+    """Σ_β part_β(power_features(x, β)): a sum of classifiers, each on one feature space
+    (β = 1: the features as served, L2-normalised). The linear methods' parts are affine in
+    their space, so any sum of them (a method fused with the zero-shot prior, an ensemble,
+    the prompt on top) is kept as parts that the default `cbbt` saves as one exact linear
+    head (client/collab.py)."""
+
+    parts: tuple[tuple[float, Classifier], ...]
+
+    @classmethod
+    def of(cls, classifier: Classifier) -> SpacedClassifier:
+        """`classifier` as parts (a plain classifier is one part on the served features)."""
+        return classifier if isinstance(classifier, SpacedClassifier) else cls(((1.0, classifier),))
+
+    @classmethod
+    def total(cls, classifiers: Sequence[Classifier], factors: Sequence[float]) -> SpacedClassifier:
+        """Σ factor_i · classifier_i, part by part."""
+        parts: list[tuple[float, Classifier]] = []
+        for classifier, factor in zip(classifiers, factors, strict=True):
+            parts.extend((power, _times(factor, part)) for power, part in cls.of(classifier).parts)
+        return cls(tuple(parts))
+
+    @property
+    def powers(self) -> list[float]:
+        return sorted({power for power, _ in self.parts}, reverse=True)
+
+    def part(self, power: float) -> Classifier:
+        """The sum of the parts on the space of `power` (input: features in that space)."""
+        mine = [part for p, part in self.parts if p == power]
+        return lambda feats: torch.stack([part(feats) for part in mine]).sum(dim=0)
+
+    def __call__(self, features: torch.Tensor) -> torch.Tensor:
+        return torch.stack([part(power_features(features, p)) for p, part in self.parts]).sum(dim=0)
+
+
+def _times(factor: float, classifier: Classifier) -> Classifier:
+    return classifier if factor == 1.0 else lambda feats: factor * classifier(feats)
 
 
 @dataclass
@@ -53,6 +103,14 @@ class FitContext:
 
     def zero_shot(self, features: torch.Tensor) -> torch.Tensor:
         return clip_logits(features, self.prior, self.scale)
+
+    def powered(self, power: float) -> FitContext:
+        """This fold's shots in the power-transformed space (β = 1: this context itself); the
+        prior stays in the served space. The memo is kept per β, shared across priors."""
+        if power == 1.0:
+            return self
+        memo = self.shared.setdefault(f"power={power}", {})
+        return FitContext(self.shots.powered(power), self.prior, self.scale, memo)
 
 
 class FeatureMethod(Protocol):
@@ -82,6 +140,7 @@ class Gda:
 
     shrinkages: Sequence[float] = (0.05, 0.2, 0.5, 0.8)
     alphas: Sequence[float] = (0.3, 1.0, 3.0, 10.0, float("inf"))
+    powers: Sequence[float] = POWERS
     name: str = "gda"
     uses_prior: bool = True
 
@@ -89,15 +148,24 @@ class Gda:
         x, _ = ctx.flat
         zero_train = ctx.zero_shot(x)
         out: dict[Params, Classifier] = {}
-        for shrinkage in self.shrinkages:
-            model = ctx.basis.model(shrinkage)
-            s = fusion_scale(zero_train, model.logits(x))
-            for alpha in self.alphas:
-                out[params(shrinkage=shrinkage, alpha=alpha)] = _fused(ctx, model.logits, s, alpha)
+        for power in self.powers:
+            space = ctx.powered(power)
+            xp, _ = space.flat  # row for row the same images as x
+            for shrinkage in self.shrinkages:
+                model = space.basis.model(shrinkage)
+                s = fusion_scale(zero_train, model.logits(xp))
+                for alpha in self.alphas:
+                    key = with_power(params(shrinkage=shrinkage, alpha=alpha), power)
+                    out[key] = _fused(ctx, model.logits, s, alpha, power)
         return out
 
 
-def _fused(ctx: FitContext, gda: Classifier, s: float, alpha: float) -> Classifier:
+def _fused(ctx: FitContext, gda: Classifier, s: float, alpha: float, power: float = 1.0) -> Classifier:
+    if power != 1.0:  # GDA in the power space, the zero-shot prior on the served features
+        if alpha == float("inf"):
+            return SpacedClassifier(((power, _times(s, gda)),))
+        return SpacedClassifier(((power, _times(alpha * s, gda)), (1.0, ctx.zero_shot)))
+
     def classify(features: torch.Tensor) -> torch.Tensor:
         feats = F.normalize(features, dim=-1)
         if alpha == float("inf"):
@@ -126,14 +194,19 @@ class AnchoredLinearProbe:
 @dataclass(frozen=True)
 class PlainLinearProbe:
     weight_decays: Sequence[float] = (1e-4, 1e-3, 1e-2)
+    powers: Sequence[float] = POWERS
     name: str = "linear-probe"
     uses_prior: bool = False
 
     def fit(self, ctx: FitContext) -> dict[Params, Classifier]:
         out: dict[Params, Classifier] = {}
-        for wd in self.weight_decays:
-            probe = fit_linear_probe(ctx.shots, wd)
-            out[params(weight_decay=wd)] = probe.predict_logits
+        for power in self.powers:
+            shots = ctx.powered(power).shots
+            for wd in self.weight_decays:
+                probe = fit_linear_probe(shots, wd)
+                key = with_power(params(weight_decay=wd), power)
+                logits = probe.predict_logits
+                out[key] = logits if power == 1.0 else SpacedClassifier(((power, logits),))
         return out
 
 

@@ -3,9 +3,13 @@
 Every candidate (a method at one grid point, under one zero-shot prior) is fitted on k − 1
 folds and scored on the held-out fold's images (view 0), so each labelled image is predicted
 exactly once by a model that never saw it: the out-of-fold (OOF) logits. Candidates are ranked
-by OOF accuracy, then OOF cross-entropy. Ensembles average the OOF probabilities of the best
-grid point of the top methods, so they are scored on the same images. The winner is refitted
-on all shots. The test split never enters: callers pass only labelled shots here.
+by their *calibrated* OOF cross-entropy (after the one temperature that fits them best), then
+OOF accuracy: on 100-300 labelled images accuracy moves in steps of 0.3-1 point and its
+noise is larger than the gaps between methods, while the log-loss of calibrated logits uses
+every image's margin (measured in docs/benchmarks.md, "Selection rule"). Ensembles average
+the OOF probabilities of the best grid point of the top methods, so they are scored on the
+same images. The winner is refitted on all shots. The test split never enters: callers pass
+only labelled shots here.
 
 The reported estimate is the winner's OOF accuracy. It is the maximum over many candidates,
 so it is optimistic by construction; the benchmark reports it beside test accuracy.
@@ -20,13 +24,35 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from client.fewshot.methods import Classifier, FeatureMethod, FitContext, Params, default_methods
+from client.fewshot.methods import (
+    Classifier,
+    FeatureMethod,
+    FitContext,
+    Params,
+    SpacedClassifier,
+    default_methods,
+)
 from client.fewshot.shots import Shots, default_folds, stratified_folds
 
 logger = logging.getLogger(__name__)
 
 CV_SEED = 0
 NO_PRIOR = "-"  # the candidate of a method that ignores the zero-shot prior
+TEMPERATURES = torch.logspace(-1.5, 1.5, 61)  # 0.03 .. 30, relative to unit-spread logits
+
+
+def calibrate(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    """The temperature `a` minimising the cross-entropy of `a · logits` (a 1-D grid search).
+
+    The feature methods' logits come at arbitrary scales (GDA's are log-densities); putting
+    them on a calibrated scale first is what makes their losses comparable, and adding the
+    prompt's logits to them meaningful. The grid is relative to the logits' own spread, so
+    it fits any scale."""
+    centred = logits - logits.mean(dim=1, keepdim=True)
+    unit = 1.0 / max(float(centred.std()), 1e-12) if centred.numel() > 1 else 1.0
+    temperatures = unit * TEMPERATURES
+    losses = torch.stack([F.cross_entropy(t * logits, labels) for t in temperatures])
+    return float(temperatures[int(losses.argmin())])
 
 
 @dataclass(frozen=True)
@@ -45,17 +71,21 @@ class Candidate:
 class Score:
     accuracy: float
     loss: float
+    calibrated_loss: float
 
     def key(self) -> tuple[float, float]:
-        return (self.accuracy, -self.loss)
+        """Larger is better."""
+        return (-self.calibrated_loss, self.accuracy)
 
 
 @dataclass(frozen=True)
 class Choice:
-    """One candidate or an ensemble of several (probabilities averaged)."""
+    """One candidate, or an ensemble of several: the mean of their calibrated logits
+    (`temperatures`, fitted on their OOF logits), which stays a linear head when they are."""
 
     members: tuple[Candidate, ...]
     score: Score
+    temperatures: tuple[float, ...] = ()
 
     @property
     def name(self) -> str:
@@ -87,7 +117,8 @@ class CrossValidation:
 
 def score_logits(logits: torch.Tensor, labels: torch.Tensor) -> Score:
     accuracy = float((logits.argmax(dim=1) == labels).float().mean())
-    return Score(accuracy, float(F.cross_entropy(logits, labels)))
+    calibrated = float(F.cross_entropy(calibrate(logits, labels) * logits, labels))
+    return Score(accuracy, float(F.cross_entropy(logits, labels)), calibrated)
 
 
 def cross_validate(
@@ -125,10 +156,11 @@ def cross_validate(
     return CrossValidation(oof, shots.labels, len(parts))
 
 
-def ensemble_logits(members: Sequence[torch.Tensor]) -> torch.Tensor:
-    """log of the mean softmax probability (a proper mixture)."""
-    probs = torch.stack([torch.softmax(m, dim=1) for m in members]).mean(dim=0)
-    return probs.clamp(min=1e-12).log()
+def ensemble_of(cv: CrossValidation, members: Sequence[Candidate]) -> Choice:
+    """The members' calibrated OOF logits averaged, scored like any candidate."""
+    temperatures = tuple(calibrate(cv.oof[c], cv.labels) for c in members)
+    logits = torch.stack([t * cv.oof[c] for t, c in zip(temperatures, members, strict=True)]).mean(dim=0)
+    return Choice(tuple(members), score_logits(logits, cv.labels), temperatures)
 
 
 def choose(cv: CrossValidation, *, methods: Sequence[str] | None = None, ensembles: bool = True) -> Choice:
@@ -142,9 +174,7 @@ def choose(cv: CrossValidation, *, methods: Sequence[str] | None = None, ensembl
     if ensembles:
         for size in (2, 3):
             if len(ranked) >= size:
-                members = tuple(ranked[:size])
-                logits = ensemble_logits([cv.oof[c] for c in members])
-                options.append(Choice(members, score_logits(logits, cv.labels)))
+                options.append(ensemble_of(cv, ranked[:size]))
     chosen = max(options, key=lambda o: o.score.key())
     logger.info("selected %s (CV accuracy %.4f)", chosen.describe(), chosen.score.accuracy)
     return chosen
@@ -170,11 +200,7 @@ def refit(
             fitted.append(known[member.method].fit(ctx)[member.params])
     if len(fitted) == 1:
         return fitted[0]
-
-    def classify(features: torch.Tensor) -> torch.Tensor:
-        return ensemble_logits([f(features) for f in fitted])
-
-    return classify
+    return SpacedClassifier.total(fitted, [t / len(fitted) for t in choice.temperatures])
 
 
 @dataclass(frozen=True)
@@ -186,6 +212,14 @@ class Selection:
     @property
     def cv_accuracy(self) -> float:
         return self.choice.score.accuracy
+
+    def oof_logits(self) -> torch.Tensor:
+        """The choice's out-of-fold logits, `[N, C]` (an ensemble's: as `refit` combines them)."""
+        members = self.choice.members
+        if len(members) == 1:
+            return self.cv.oof[members[0]]
+        temps = self.choice.temperatures
+        return torch.stack([t * self.cv.oof[c] for t, c in zip(temps, members, strict=True)]).mean(dim=0)
 
     def method_scores(self) -> dict[str, float]:
         """Each method's best CV accuracy (for the report)."""

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from client.adapters import power_features
+
 
 @dataclass(frozen=True)
 class Shots:
@@ -61,6 +63,10 @@ class Shots:
         """Every view as its own sample: `[N·V, D]` and `[N·V]`."""
         n, v, d = self.features.shape
         return self.features.reshape(n * v, d), self.labels.repeat_interleave(v)
+
+    def powered(self, power: float) -> Shots:
+        """The same images in the power-transformed space (`power_features`)."""
+        return Shots(power_features(self.features, power), self.labels, self.num_classes)
 
     def subset(self, index: torch.Tensor) -> Shots:
         return Shots(self.features[index], self.labels[index], self.num_classes)

@@ -24,17 +24,7 @@ from client.fewshot.shots import stratified_folds
 
 Classifier = Callable[[torch.Tensor], torch.Tensor]
 
-TEMPERATURES = torch.logspace(-1.5, 1.5, 61)  # 0.03 .. 30
 WEIGHTS = torch.linspace(0.0, 2.0, 41)
-
-
-def calibrate(logits: torch.Tensor, labels: torch.Tensor) -> float:
-    """The temperature `a` minimising the cross-entropy of `a · logits` (a 1-D grid search).
-
-    The feature methods' logits come at arbitrary scales (GDA's are log-densities); putting
-    them on a calibrated scale first is what makes adding the prompt's logits meaningful."""
-    losses = torch.stack([F.cross_entropy(t * logits, labels) for t in TEMPERATURES])
-    return float(TEMPERATURES[int(losses.argmin())])
 
 
 @dataclass(frozen=True)
