@@ -102,7 +102,8 @@ METHODS: dict[str, MethodSpec] = _specs(
                _NEEDS_FEATURES, "k-fold CV over all shots chooses among zero-shot, GDA, CLAP probe, "
                "linear probe, Tip cache (or an ensemble of the top ones), on an 80-template ensemble"),
     MethodSpec("gda", "feature", {"method": "gda", "views": 1, "template_set": "openai80"}, _NEEDS_FEATURES,
-               "GDA (shared shrunk covariance) fused with zero-shot; shrinkage and weight by CV"),
+               "GDA (shared shrunk covariance) fused with zero-shot; shrinkage, weight and power "
+               "transform by CV"),
     MethodSpec("clap", "feature", {"method": "clap", "views": 1, "template_set": "openai80"}, _NEEDS_FEATURES,
                "CLAP-style probe anchored to the text features; penalty by CV"),
     MethodSpec("adapter", "tune", {"method": "adapter"}, _NEEDS_ONE_PROMPT,
@@ -110,7 +111,8 @@ METHODS: dict[str, MethodSpec] = _specs(
     # The default: the most accuracy per item (docs/benchmarks.md, "The default cbbt").
     MethodSpec("cbbt", "collab", {}, _NEEDS_PROMPTS + "; on the embeddings tier, its feature stages only",
                "features -> the feature method chosen by k-fold CV (GDA, CLAP, probe, zero-shot on 80 "
-               "templates) -> cbbt's estimator tunes a prompt on top, early stopping on held-out shots"),
+               "templates, or a mean of the top ones' calibrated logits) -> cbbt's estimator tunes a "
+               "prompt on top, early stopping on held-out shots"),
     # CBBT's released recipe, unchanged (also `cbbt --estimator faithful`).
     MethodSpec("cbbt-paper", "tune", {"method": "cbbt", "estimator": "faithful"}, _NEEDS_PROMPTS,
                "faithful CBBT: estimated-gradient prompt + residual adapter"),

@@ -185,8 +185,9 @@ class AnchoredLinearProbe:
 
     def fit(self, ctx: FitContext) -> dict[Params, Classifier]:
         out: dict[Params, Classifier] = {}
-        for strength in self.strengths:
-            probe = fit_anchored_probe(ctx.shots, ctx.prior, ctx.scale, strength)
+        probe = None
+        for strength in sorted(self.strengths, reverse=True):  # each warm-starts the next, weaker one
+            probe = fit_anchored_probe(ctx.shots, ctx.prior, ctx.scale, strength, start=probe)
             out[params(strength=strength)] = probe.logits
         return out
 
