@@ -66,6 +66,7 @@ __all__ = ["CollabConfig", "run_collaborative"]
 # artifact (a Tip cache or a mixture is not); CV over them is within ~0.3 points of the
 # wider fewshot-cv on the data sets measured (docs/benchmarks.md).
 LINEAR_METHODS: tuple[str, ...] = ("zero-shot", "gda", "clap", "linear-probe")
+ACCEPT_Z = 1.0  # the prompt must lower the held-out loss by at least one standard error
 
 
 @dataclass(frozen=True)
@@ -85,6 +86,7 @@ class CollabConfig:
     init_text: str = "a photo of a"  # the template the priors start from
     prompt_steps: int = 100  # at most; patience usually stops it long before
     patience: int = 12  # steps without a better held-out loss before stopping
+    accept_z: float = ACCEPT_Z  # held-out gain, in standard errors, the prompt needs to be kept
     # The prompt trains at weight max(w*, floor), w* fitted to the current prompt: at w = 0 the
     # loss would not depend on the prompt at all, and its estimated gradient would be zero.
     weight_floor: float = 0.25
@@ -193,10 +195,20 @@ class PromptResult:
     best_step: int
     stopped_reason: str
     held_images: int
+    # The held-out gain in standard errors: mean over the held-out images of (loss without the
+    # prompt − loss with it), over its standard error. The best step is the minimum of many
+    # noisy held-out losses, so a bare "lower" keeps prompts that only fit the held-out noise.
+    gain_z: float = 0.0
+    accept_z: float = ACCEPT_Z
 
     @property
     def accepted(self) -> bool:
-        return self.texts is not None and self.weight > 0 and self.held_loss < self.base_held_loss
+        return (
+            self.texts is not None
+            and self.weight > 0
+            and self.held_loss < self.base_held_loss
+            and self.gain_z >= self.accept_z
+        )
 
 
 class StackedLoss:
@@ -402,11 +414,31 @@ def tune_prompt_on_top(
                 best.stopped_reason = "patience"
                 break
     best.steps = step
+    best.accept_z = cfg.accept_z
+    if best.texts is not None:
+        best.gain_z = held_out_gain_z(
+            base[held], clip_logits(images[held], best.texts, scale), labels[held], best.weight
+        )
     logger.info(
-        "prompt stage: %d steps (%s); held-out loss %.4f with the prompt (weight %.2f), %.4f without",
-        step, best.stopped_reason, best.held_loss, best.weight, best.base_held_loss,
+        "prompt stage: %d steps (%s); held-out loss %.4f with the prompt (w %.2f, %.1f SE), %.4f without",
+        step, best.stopped_reason, best.held_loss, best.weight, best.gain_z, best.base_held_loss,
     )  # fmt: skip
     return best
+
+
+def held_out_gain_z(base: torch.Tensor, prompt: torch.Tensor, labels: torch.Tensor, weight: float) -> float:
+    """Mean per-image loss reduction of `base + weight · prompt` over `base`, in standard errors
+    (paired over the same images); +inf for a reduction with no spread."""
+    without = F.cross_entropy(base, labels, reduction="none")
+    with_prompt = F.cross_entropy(base + weight * prompt, labels, reduction="none")
+    gain = without - with_prompt
+    mean = float(gain.mean())
+    if gain.numel() < 2:
+        return 0.0
+    error = float(gain.std()) / math.sqrt(gain.numel())
+    if error == 0.0:
+        return math.inf if mean > 0 else 0.0
+    return mean / error
 
 
 def final_head(selection: Selection, prompt: PromptResult | None, shots: Shots, scale: float) -> LinearHead:
@@ -504,6 +536,7 @@ def finish_collab_report(
             held_out_loss_with_prompt=prompt.held_loss,
             held_out_accuracy_feature_method=prompt.base_held_accuracy,
             held_out_accuracy_with_prompt=prompt.held_accuracy,
+            held_out_gain_z=prompt.gain_z,
             prompt_best_step=prompt.best_step,
         )
     not_needed = plan.total_items - counter.items

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from client.adapters import LinearHead, TipAdapter, clip_logits
 from client.cli import main as cbbt
-from client.collab import PromptResult, final_head
+from client.collab import PromptResult, final_head, held_out_gain_z
 from client.data import load_dataset
 from client.fewshot.methods import default_methods
 from client.fewshot.select import Selection, calibrate, cross_validate, ensemble_of, refit
@@ -47,6 +47,20 @@ def test_the_prompt_weight_is_zero_for_noise_and_positive_for_signal() -> None:
     assert best_weight(base, noise, labels).weight == 0.0
     helped = best_weight(base, signal, labels)
     assert helped.weight > 0 and helped.loss < F.cross_entropy(base, labels).item()
+
+
+def test_a_prompt_is_kept_only_for_a_held_out_gain_beyond_one_standard_error() -> None:
+    generator = torch.Generator().manual_seed(4)
+    labels = torch.randint(0, 4, (60,), generator=generator)
+    base = torch.randn(60, 4, generator=generator)
+    helpful = F.one_hot(labels, 4).float() * 2
+    noise = torch.randn(60, 4, generator=generator) * 0.05
+    assert held_out_gain_z(base, helpful, labels, 1.0) > 3
+    assert abs(held_out_gain_z(base, noise, labels, 1.0)) < 3
+    result = PromptResult(None, torch.zeros(4, 8), 0.5, 1.0, 0.9, 0.5, 1.0, 0.5, 5, 3, "patience", 60)
+    for z, kept in ((0.5, False), (1.5, True)):
+        result.gain_z = z
+        assert result.accepted is kept  # the held-out loss is lower in both; only z decides
 
 
 def test_the_holdout_is_one_stratified_fold_disjoint_from_the_prompts_images() -> None:
@@ -98,7 +112,8 @@ def test_an_ensemble_across_feature_spaces_with_a_prompt_is_saved_as_one_exact_h
     choice = ensemble_of(cv, [gda_fused, probe, best["clap"]])
     selection = Selection(choice, refit(choice, shots, priors, 20.0, methods), cv)
     texts = torch.randn(classes, dim, generator=generator)
-    prompt = PromptResult(None, texts, 0.4, 1.7, 0.1, 1.0, 0.2, 1.0, 3, 2, "patience", 6)
+    prompt = PromptResult(None, texts, 0.4, 1.7, 0.1, 1.0, 0.2, 1.0, 3, 2, "patience", 6, gain_z=2.0)
+    assert prompt.accepted
     head = final_head(selection, prompt, shots, 20.0)
     assert head.powers == [0.5, 0.25]
     fresh = torch.relu(centres[labels] + torch.randn(labels.numel(), dim, generator=generator))
