@@ -205,8 +205,8 @@ class LinearHead(nn.Module):
         self.weight = nn.Parameter(weight.detach().clone(), requires_grad=False)
         self.bias = nn.Parameter(bias.detach().clone(), requires_grad=False)
         given = dict(power_weights or {})
-        if 1.0 in given:
-            raise ValueError("β = 1 is the served space: its weight is `weight`")
+        if any(not 0.0 < p < 1.0 for p in given):
+            raise ValueError(f"power-space βs must be in (0, 1), got {sorted(given)} (β = 1 is `weight`)")
         self.powers = sorted(given, reverse=True)
         self.power_weights = nn.ParameterList(
             [nn.Parameter(given[p].detach().clone(), requires_grad=False) for p in self.powers]

@@ -16,10 +16,10 @@ from typing import Any, Protocol
 import torch
 import torch.nn.functional as F
 
-from client.adapters import TipAdapter, clip_logits
+from client.adapters import TipAdapter, clip_logits, power_features
 from client.fewshot.gda import CovarianceBasis, covariance_basis, fusion_scale
 from client.fewshot.probes import fit_anchored_probe, fit_linear_probe
-from client.fewshot.shots import Shots, power_features
+from client.fewshot.shots import Shots
 
 Classifier = Callable[[torch.Tensor], torch.Tensor]
 # A grid point, hashable and printable: sorted (name, value) pairs.
@@ -27,7 +27,8 @@ Params = tuple[tuple[str, float], ...]
 
 # The feature spaces GDA and the plain probe are fitted in (β of `power_features`; 1 = the
 # features as served). A grid axis like any other, so the CV keeps β = 1 where the transform
-# does not help (measured in docs/benchmarks.md, "The power transform").
+# does not help (measured in docs/benchmarks.md, "Power-transformed features, a calibrated
+# selection rule, linear ensembles").
 POWERS: tuple[float, ...] = (1.0, 0.5, 0.25)
 
 

@@ -6,9 +6,10 @@ exactly once by a model that never saw it: the out-of-fold (OOF) logits. Candida
 by their *calibrated* OOF cross-entropy (after the one temperature that fits them best), then
 OOF accuracy: on 100-300 labelled images accuracy moves in steps of 0.3-1 point and its
 noise is larger than the gaps between methods, while the log-loss of calibrated logits uses
-every image's margin (measured in docs/benchmarks.md, "Selection rule"). Ensembles average
-the OOF probabilities of the best grid point of the top methods, so they are scored on the
-same images. The winner is refitted on all shots. The test split never enters: callers pass
+every image's margin (measured in docs/benchmarks.md, "Power-transformed features, a
+calibrated selection rule, linear ensembles"). Ensembles average the calibrated OOF logits of
+the best grid point of the top methods, so they are scored on the same images, and a mean of
+linear heads is still one. The winner is refitted on all shots. The test split never enters: callers pass
 only labelled shots here.
 
 The reported estimate is the winner's OOF accuracy. It is the maximum over many candidates,
@@ -159,8 +160,15 @@ def cross_validate(
 def ensemble_of(cv: CrossValidation, members: Sequence[Candidate]) -> Choice:
     """The members' calibrated OOF logits averaged, scored like any candidate."""
     temperatures = tuple(calibrate(cv.oof[c], cv.labels) for c in members)
-    logits = torch.stack([t * cv.oof[c] for t, c in zip(temperatures, members, strict=True)]).mean(dim=0)
+    logits = mean_of_scaled(cv, members, temperatures)
     return Choice(tuple(members), score_logits(logits, cv.labels), temperatures)
+
+
+def mean_of_scaled(
+    cv: CrossValidation, members: Sequence[Candidate], temperatures: Sequence[float]
+) -> torch.Tensor:
+    """mean_i t_i · OOF_i: an ensemble's out-of-fold logits (as `refit` combines its members)."""
+    return torch.stack([t * cv.oof[c] for t, c in zip(temperatures, members, strict=True)]).mean(dim=0)
 
 
 def choose(cv: CrossValidation, *, methods: Sequence[str] | None = None, ensembles: bool = True) -> Choice:
@@ -218,8 +226,7 @@ class Selection:
         members = self.choice.members
         if len(members) == 1:
             return self.cv.oof[members[0]]
-        temps = self.choice.temperatures
-        return torch.stack([t * self.cv.oof[c] for t, c in zip(temps, members, strict=True)]).mean(dim=0)
+        return mean_of_scaled(self.cv, members, self.choice.temperatures)
 
     def method_scores(self) -> dict[str, float]:
         """Each method's best CV accuracy (for the report)."""
