@@ -121,6 +121,9 @@ def test_an_ensemble_across_feature_spaces_with_a_prompt_is_saved_as_one_exact_h
     torch.testing.assert_close(head(fresh), expected, atol=1e-3, rtol=1e-3)
     again = LinearHead.from_state(head.state())
     torch.testing.assert_close(again(fresh), head(fresh))
+    for bad in (1.0, 0.0, 1.5, -0.5):  # β = 1 is `weight`; others are not a power space
+        with pytest.raises(ValueError):
+            LinearHead(head.weight, head.bias, {bad: head.weight})
 
 
 # -- whole runs -----------------------------------------------------------------------------------
