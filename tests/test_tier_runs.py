@@ -63,29 +63,32 @@ def test_tune_on_the_prediction_tier_counts_what_the_server_bills(
     assert "predictions tier" in capsys.readouterr().out
 
 
+def _refused_on_predictions(
+    server: ServerProcess, tmp_path: Path, caplog: pytest.LogCaptureFixture, method: str, key_name: str
+) -> str:
+    """Runs `method` on a predictions-tier key: it must fail before spending anything; returns
+    the error the CLI logged."""
+    key = _key(server, key_name, "predictions")
+    argv = ["tune", *_connection(server, key, "predictions", tmp_path / "cache"), *SMALL,
+            "--method", method, "--out", str(tmp_path / "run")]  # fmt: skip
+    assert main(argv) != 0
+    assert _spent(server, key_name) == 0
+    return " ".join(r.getMessage() for r in caplog.records if r.levelname == "ERROR")
+
+
 def test_a_feature_method_on_the_prediction_tier_is_refused_naming_its_tier(
     server: ServerProcess, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    key = _key(server, "pred-refused", "predictions")
-    argv = ["tune", *_connection(server, key, "predictions", tmp_path / "cache"), *SMALL,
-            "--method", "linear-probe", "--out", str(tmp_path / "run")]  # fmt: skip
-    assert main(argv) != 0
-    message = " ".join(r.getMessage() for r in caplog.records if r.levelname == "ERROR")
+    message = _refused_on_predictions(server, tmp_path, caplog, "linear-probe", "pred-refused")
     assert "linear-probe needs" in message and "the embeddings tier" in message
     assert "cmaes-prompt" in message  # what does run here
-    assert _spent(server, "pred-refused") == 0
 
 
 def test_a_soft_prompt_method_on_the_prediction_tier_is_refused(
     server: ServerProcess, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    key = _key(server, "pred-adapter", "predictions")
-    argv = ["tune", *_connection(server, key, "predictions", tmp_path / "cache"), *SMALL,
-            "--method", "adapter", "--out", str(tmp_path / "run")]  # fmt: skip
-    assert main(argv) != 0
-    message = " ".join(r.getMessage() for r in caplog.records if r.levelname == "ERROR")
+    message = _refused_on_predictions(server, tmp_path, caplog, "adapter", "pred-adapter")
     assert "adapter needs" in message and "the full tier" in message
-    assert _spent(server, "pred-adapter") == 0
 
 
 def test_bench_reports_the_tier_each_method_used(server: ServerProcess, tmp_path: Path) -> None:
