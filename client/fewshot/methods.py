@@ -107,11 +107,14 @@ class FitContext:
 
     def powered(self, power: float) -> FitContext:
         """This fold's shots in the power-transformed space (β = 1: this context itself); the
-        prior stays in the served space. The memo is kept per β, shared across priors."""
+        prior stays in the served space. The transformed shots and their memo are kept per β,
+        shared across priors and methods (`shared` always belongs to one set of shots)."""
         if power == 1.0:
             return self
         memo = self.shared.setdefault(f"power={power}", {})
-        return FitContext(self.shots.powered(power), self.prior, self.scale, memo)
+        if "shots" not in memo:  # GDA and the probe fit on the same transformed shots
+            memo["shots"] = self.shots.powered(power)
+        return FitContext(memo["shots"], self.prior, self.scale, memo)
 
 
 class FeatureMethod(Protocol):
