@@ -37,6 +37,7 @@ _SERVE_FLAGS: tuple[tuple[str, str, Any, str], ...] = (
     ("--max-items-per-request", "max_items_per_request", int, "items one request may carry"),
     ("--max-body-bytes", "max_body_bytes", int, "largest request body"),
     ("--batch-max-items", "batch_max_items", int, "largest model batch"),
+    ("--image-batch-max-items", "image_batch_max_items", int, "largest image batch (<= --batch-max-items)"),
     ("--batch-max-wait-ms", "batch_max_wait_ms", float, "how long a batch waits to fill"),
     ("--batch-max-tokens", "batch_max_tokens", int, "tokens per text/prompt model batch"),
     ("--queue-max-items", "queue_max_items", int, "items queued per modality before 503 overloaded"),

@@ -17,7 +17,6 @@ The body deadlines are the guard's (they need the ASGI `receive`).
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import json
 import logging
 import socket
@@ -136,25 +135,7 @@ class DrainingServer(uvicorn.Server):
         await super().shutdown(sockets)
 
 
-def keep_large_buffers_mmapped(threshold_bytes: int = 1 << 20) -> None:
-    """Return freed request buffers to the OS (glibc; a no-op elsewhere).
-
-    A request body (up to max_body_bytes) and its parse are large malloc'd blocks. glibc's
-    adaptive threshold serves every such block from the heap once one like it was freed, and the
-    heap rarely shrinks: a burst of big requests would leave the server that much larger for
-    good. A fixed threshold keeps them mmapped, so freeing one returns it.
-    """
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return
-    m_mmap_threshold = -3  # from malloc.h
-    if not libc.mallopt(m_mmap_threshold, threshold_bytes):
-        logger.warning("mallopt(M_MMAP_THRESHOLD) failed; freed request buffers may stay resident")
-
-
 def run(app: Any, state: ServiceState, settings: ServerSettings) -> None:
-    keep_large_buffers_mmapped()
     config = uvicorn.Config(
         app,
         host=settings.host,

@@ -58,13 +58,16 @@ class ServiceState:
         observer = self.metrics.batch_observer()
 
         def make(
-            modality: str, run: Callable[[list[Any]], torch.Tensor], cost: Callable[[Any], int] | None = None
+            modality: str,
+            run: Callable[[list[Any]], torch.Tensor],
+            cost: Callable[[Any], int] | None = None,
+            max_items: int = s.batch_max_items,
         ) -> DynamicBatcher[Any]:
             return DynamicBatcher(
                 modality=modality,
                 run_batch=run,
                 executor=self.model_executor,
-                max_items=s.batch_max_items,
+                max_items=max_items,
                 max_wait_s=s.batch_max_wait_ms / 1000.0,
                 queue_limit=s.queue_max_items,
                 observer=observer,
@@ -74,7 +77,11 @@ class ServiceState:
             )
 
         return Batchers(
-            images=make("image", lambda xs: backend.encode_images(torch.stack(xs))),
+            images=make(
+                "image",
+                lambda xs: backend.encode_images(torch.stack(xs)),
+                max_items=min(s.batch_max_items, s.image_batch_max_items),
+            ),
             texts=make("text", backend.encode_token_ids, len),
             prompts=make("prompt", backend.encode_prompts, _prompt_tokens),
         )

@@ -137,6 +137,26 @@ def test_metrics_are_prometheus_text(tiny_server: ServerProcess, tiny_client: ht
     assert text_batches and text_batches[0].value >= 1
 
 
+def _batches(server: ServerProcess, modality: str) -> tuple[float, float]:
+    """(model batches run, items in them) for one modality, from /metrics."""
+    families = {f.name: f for f in text_string_to_metric_families(httpx.get(f"{server.url}/metrics").text)}
+    values = {
+        s.name: s.value for s in families["cbbt_batch_size"].samples if s.labels.get("modality") == modality
+    }
+    return values.get("cbbt_batch_size_count", 0.0), values.get("cbbt_batch_size_sum", 0.0)
+
+
+def test_image_batches_have_their_own_cap(tmp_path: Path) -> None:
+    server = ServerProcess(tmp_path / "cbbt.db", extra_args=["--image-batch-max-items", "3"])
+    server.create_key("me")
+    with server.start(), server.client() as client:
+        images = [image_data_uri(noise_image(seed=i)) for i in range(8)]
+        assert client.post("/v1/embeddings", json={"input": images}).status_code == 200
+        _embed(client, [f"text {i}" for i in range(8)])
+        assert _batches(server, "image") == (3, 8)  # 3 + 3 + 2
+        assert _batches(server, "text") == (1, 8)  # --batch-max-items (64) still caps texts
+
+
 def test_docs_and_openapi(tiny_server: ServerProcess) -> None:
     docs = httpx.get(f"{tiny_server.url}/docs")
     assert docs.status_code == 200 and "text/html" in docs.headers["content-type"]
