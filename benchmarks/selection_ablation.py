@@ -87,15 +87,21 @@ def choose_variant(cv: CrossValidation, variant: Variant) -> Choice:
     return max(options, key=lambda o: key(o.score))
 
 
-def evaluate(blob: dict[str, Any], shots: int, seed: int) -> list[dict[str, Any]]:
-    dataset = load_dataset(blob["data"])
-    split = few_shot_split(dataset, shots, seed, max_test_per_class=100)
+def labelled_split(
+    blob: dict[str, Any], shots: int, seed: int
+) -> tuple[Shots, dict[str, torch.Tensor], float]:
+    """A split's labelled images (one view) as a `cbbt` run pools them, the default's two
+    zero-shot priors, and the logit scale, from a `fewshot_features` cache."""
+    split = few_shot_split(load_dataset(blob["data"]), shots, seed, max_test_per_class=100)
     index = {s: i for i, s in enumerate(blob["sources"])}
     rows = torch.tensor([index[e.source] for e in split.train + split.val])
     labelled = Shots.of(blob["features"][rows, :1], blob["labels"][rows], len(blob["class_names"]))
     every = priors_of(blob)
-    priors = {"single": every["single"], "openai80": every["openai80"]}
-    scale = float(blob["logit_scale"])
+    return labelled, {"single": every["single"], "openai80": every["openai80"]}, float(blob["logit_scale"])
+
+
+def evaluate(blob: dict[str, Any], shots: int, seed: int) -> list[dict[str, Any]]:
+    labelled, priors, scale = labelled_split(blob, shots, seed)
     known = default_methods()
     methods = {m: known[m] for m in LINEAR}
     cv = cross_validate(labelled, priors, scale, list(methods.values()))

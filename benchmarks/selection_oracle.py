@@ -24,13 +24,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from benchmarks.fewshot_eval import priors_of
-from benchmarks.selection_ablation import LINEAR
+from benchmarks.selection_ablation import LINEAR, labelled_split
 from client.adapters import power_features
-from client.data import few_shot_split, load_dataset
 from client.fewshot.methods import POWERS, Classifier, FitContext, Params, default_methods, params, with_power
 from client.fewshot.select import NO_PRIOR, Candidate, accuracy, choose, cross_validate, refit
-from client.fewshot.shots import Shots
 
 
 @dataclass(frozen=True)
@@ -66,13 +63,7 @@ def _krr(support: torch.Tensor, weights: torch.Tensor, gamma: float, power: floa
 
 
 def evaluate(blob: dict[str, Any], shots: int, seed: int) -> dict[str, Any]:
-    split = few_shot_split(load_dataset(blob["data"]), shots, seed, max_test_per_class=100)
-    index = {s: i for i, s in enumerate(blob["sources"])}
-    rows = torch.tensor([index[e.source] for e in split.train + split.val])
-    labelled = Shots.of(blob["features"][rows, :1], blob["labels"][rows], len(blob["class_names"]))
-    every = priors_of(blob)
-    priors = {"single": every["single"], "openai80": every["openai80"]}
-    scale = float(blob["logit_scale"])
+    labelled, priors, scale = labelled_split(blob, shots, seed)
     known = default_methods()
     methods = {m: known[m] for m in LINEAR} | {"krr": KernelRidge()}
     cv = cross_validate(labelled, priors, scale, list(methods.values()))
