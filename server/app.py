@@ -17,6 +17,7 @@ from server.backends.registry import create_backend
 from server.errors import install_error_handlers
 from server.guard import RequestGuardMiddleware
 from server.lease import LeaseKeeper
+from server.malloc import release_free_memory
 from server.metrics import Metrics
 from server.middleware import FaultInjectionMiddleware, MetricsMiddleware
 from server.openapi import install_openapi
@@ -48,6 +49,7 @@ async def _start_model(state: ServiceState, backend: Backend | None) -> None:
     try:
         if backend is None:
             backend = await asyncio.to_thread(load_backend, state.settings)
+            await asyncio.to_thread(release_free_memory)  # what loading and fitting it left behind
         batchers = state.build_batchers(backend)
         for batcher in batchers.all():
             batcher.start()

@@ -17,7 +17,6 @@ The body deadlines are the guard's (they need the ASGI `receive`).
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import json
 import logging
 import socket
@@ -28,6 +27,7 @@ import h11
 import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from server.malloc import limit_arenas
 from server.settings import ServerSettings
 from server.state import ServiceState
 from shared.errors import ErrorBody, ErrorCode, ErrorEnvelope
@@ -136,27 +136,8 @@ class DrainingServer(uvicorn.Server):
         await super().shutdown(sockets)
 
 
-def limit_malloc_arenas(arenas: int = 2) -> None:
-    """Cap glibc's malloc arenas (a no-op elsewhere), so the memory large request bodies leave
-    behind is bounded by a couple of arenas' peaks, not one per thread that ever parsed one.
-
-    The server keeps glibc's adaptive mmap threshold: fixing it low returned every freed body
-    at once, but also made each model activation an mmap of its own, page-faulted afresh on
-    every forward pass (the default model's images ~2.5x slower: docs/reliability.md). With
-    the adaptive threshold freed bodies stay in the heap for reuse, and without this cap every
-    worker thread's arena keeps its own.
-    """
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return
-    m_arena_max = -8  # from malloc.h
-    if not libc.mallopt(m_arena_max, arenas):
-        logger.warning("mallopt(M_ARENA_MAX) failed; freed request buffers may stay resident per thread")
-
-
 def run(app: Any, state: ServiceState, settings: ServerSettings) -> None:
-    limit_malloc_arenas()
+    limit_arenas()
     config = uvicorn.Config(
         app,
         host=settings.host,

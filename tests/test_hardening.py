@@ -372,7 +372,7 @@ def test_unauthenticated_json_bombs_cost_nothing(tiny: ServerProcess) -> None:
 
 def test_memory_under_bursts_of_large_bodies_stays_bounded(tiny: ServerProcess) -> None:
     """Bursts of large bodies reuse the memory the first ones took. The server keeps glibc's
-    adaptive allocator with two arenas (server/http_server.py::limit_malloc_arenas; a fixed
+    adaptive allocator with two arenas (server/malloc.py::limit_arenas; a fixed
     1 MiB mmap threshold returned every body at once but made each model activation page-fault
     afresh: docs/reliability.md); a body kept per request would add ~96 MiB per burst here."""
     body = json.dumps({"input": ["x" * (12 << 20)]}).encode()  # read, parsed, then refused (400)
