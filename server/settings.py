@@ -66,7 +66,7 @@ class ServerSettings(BaseSettings):
     batch_max_items: int = 64
     # Images batch smaller: a convolutional image tower on CPU costs more per image in larger
     # batches (the activations outgrow the caches); EfficientNet-Lite0 on 2 cores ran ~3x
-    # faster per image at 8 than at 64 (docs/benchmarks.md, "Image batch size"). Image
+    # faster per image at 8 than at 64 (docs/benchmarks.md, "Image throughput"). Image
     # batches hold at most min(batch_max_items, image_batch_max_items).
     image_batch_max_items: int = Field(default=8, ge=1)
     batch_max_wait_ms: float = 5.0
