@@ -129,12 +129,7 @@ def test_metrics_are_prometheus_text(tiny_server: ServerProcess, tiny_client: ht
         assert name in families, sorted(families)
     requests = [s for s in families["cbbt_requests"].samples if s.labels.get("route") == "/v1/embeddings"]
     assert any(s.labels["status"] == "200" and s.value >= 1 for s in requests), requests
-    text_batches = [
-        s
-        for s in families["cbbt_batch_size"].samples
-        if s.name == "cbbt_batch_size_count" and s.labels.get("modality") == "text"
-    ]
-    assert text_batches and text_batches[0].value >= 1
+    assert _batches(tiny_server, "text")[0] >= 1
 
 
 def _batches(server: ServerProcess, modality: str) -> tuple[float, float]:
