@@ -12,6 +12,8 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from pydantic import ValidationError
+
 from server.cli_keys import add_keys_parser, run_keys_command
 from server.settings import ServerSettings
 
@@ -120,9 +122,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "serve":
         if args.replicas < 1:
             parser.error("--replicas must be at least 1")
-        return serve(
-            settings_from_args(args), ray=args.ray, replicas=args.replicas, ray_address=args.ray_address
-        )
+        try:
+            settings = settings_from_args(args)
+        except ValidationError as exc:  # a flag or CBBT_* variable out of range: one line each, no traceback
+            parser.error("; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()))
+        return serve(settings, ray=args.ray, replicas=args.replicas, ray_address=args.ray_address)
     if args.command == "models":
         from server.backends.registry import list_models
 

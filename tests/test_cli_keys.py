@@ -112,3 +112,30 @@ def test_errors_go_to_stderr_with_an_exit_code(tmp_path: Path, capsys: pytest.Ca
     with pytest.raises(SystemExit):
         main(["keys", "create", "--db", db, "--name", "x", "--budget-items", "-3"])
     assert capsys.readouterr().out == ""
+
+
+@pytest.mark.parametrize(
+    ("argv", "env", "field"),
+    [
+        (["--image-batch-max-items", "0"], {}, "image_batch_max_items"),
+        ([], {"CBBT_FAILURE_RATE": "2"}, "failure_rate"),
+    ],
+)
+def test_serve_refuses_out_of_range_settings_in_one_line(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    argv: list[str],
+    env: dict[str, str],
+    field: str,
+) -> None:
+    from server.cli import main as server_main
+
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(SystemExit) as exited:
+        server_main(["serve", "--db", str(tmp_path / "cbbt.db"), *argv])
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    assert f"error: {field}:" in err and "Traceback" not in err
+    assert not (tmp_path / "cbbt.db").exists()  # refused before anything was opened
