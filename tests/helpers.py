@@ -22,6 +22,7 @@ from client import server_process
 from client.server_process import LARGE_BUDGET, REPO_ROOT, ServerStartError, free_port
 
 __all__ = [
+    "HELD_ITEMS",
     "LARGE_BUDGET",
     "REPO_ROOT",
     "TINY_MODEL",
@@ -29,9 +30,21 @@ __all__ = [
     "ServerProcess",
     "ServerStartError",
     "free_port",
+    "held_batch_args",
 ]
 
 TINY_MODEL = "cbbt-tiny"
+HELD_ITEMS = 8  # a request this small never fills a batch of 64, so it waits out the hold
+
+
+def held_batch_args(hold_s: float) -> list[str]:
+    """Server flags that keep every request of HELD_ITEMS in flight for at least `hold_s`.
+
+    Each batch waits up to `--batch-max-wait-ms` to fill. That wait is a lower bound on a
+    request's time in flight, so a test that must catch a request with its items reserved does
+    not depend on how fast the machine runs the model.
+    """
+    return ["--batch-max-items", "64", "--batch-max-wait-ms", str(int(hold_s * 1000))]
 
 
 class FakeClock:

@@ -29,7 +29,15 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from server.store import LedgerRow, SqliteStore
-from tests.helpers import REPO_ROOT, ServerProcess, assert_error, image_data_uri, noise_image
+from tests.helpers import (
+    HELD_ITEMS,
+    REPO_ROOT,
+    ServerProcess,
+    assert_error,
+    held_batch_args,
+    image_data_uri,
+    noise_image,
+)
 
 ADMIN_TOKEN = "budget-tests-admin-token"
 EMBEDDINGS = "/v1/embeddings"
@@ -245,10 +253,10 @@ def test_spent_budget_survives_restart_and_crash(tmp_path: Path) -> None:
 
 
 def test_crash_mid_request_is_recovered_on_restart(tmp_path: Path) -> None:
-    # Small model batches make the big request slow enough to be caught with its items reserved.
-    proc = ServerProcess(tmp_path / "cbbt.db", extra_args=["--batch-max-items", "1"])
+    # Held batches keep the request in flight long enough to be caught with its items reserved.
+    proc = ServerProcess(tmp_path / "cbbt.db", extra_args=held_batch_args(5))
     secret = proc.create_key("interrupted", budget_items=10**6, default=False)
-    body = {"input": _texts(256)}
+    body = {"input": _texts(HELD_ITEMS)}
     idem = {"Idempotency-Key": "crash-retry"}
     with proc:
 
@@ -258,19 +266,15 @@ def test_crash_mid_request_is_recovered_on_restart(tmp_path: Path) -> None:
 
         sender = threading.Thread(target=send)
         sender.start()
-        in_flight = False
         with sqlite3.connect(proc.db) as db:
-            deadline = time.monotonic() + 120
-            while not in_flight and sender.is_alive() and time.monotonic() < deadline:
-                in_flight = db.execute("SELECT 1 FROM ledger WHERE status IS NULL").fetchone() is not None
+            deadline = time.monotonic() + 60
+            while db.execute("SELECT 1 FROM ledger WHERE status IS NULL").fetchone() is None:
+                assert sender.is_alive() and time.monotonic() < deadline, "the request was never in flight"
                 time.sleep(0.002)
-        if in_flight:
-            proc.kill()
+        proc.kill()
         sender.join(timeout=120)
-        if not in_flight:
-            pytest.skip("the request finished before it could be caught in flight")
         spent, _, total, rows = _ledger(proc.db, "interrupted")
-        assert spent == total == 256 and [row.status for row in rows] == [None]
+        assert spent == total == HELD_ITEMS and [row.status for row in rows] == [None]
 
         proc.start()
         with proc.client(secret) as client:
@@ -278,7 +282,7 @@ def test_crash_mid_request_is_recovered_on_restart(tmp_path: Path) -> None:
             assert _usage(client)["spent_items"] == 0
             # ... and the client's retry with the same Idempotency-Key runs instead of a 409.
             _ok(client.post(EMBEDDINGS, json=body, headers=idem))
-    _assert_books_balance(proc.db, "interrupted", 256)
+    _assert_books_balance(proc.db, "interrupted", HELD_ITEMS)
 
 
 # -- 3. idempotency ----------------------------------------------------------------------

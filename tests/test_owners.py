@@ -20,7 +20,14 @@ import pytest
 
 from server.store import DatabaseInUse, SqliteStore, StoreError
 from server.store.sqlite import SqliteStore as _Sqlite
-from tests.helpers import REPO_ROOT, FakeClock, ServerProcess, ServerStartError
+from tests.helpers import (
+    HELD_ITEMS,
+    REPO_ROOT,
+    FakeClock,
+    ServerProcess,
+    ServerStartError,
+    held_batch_args,
+)
 
 EMBEDDINGS = "/v1/embeddings"
 
@@ -151,13 +158,13 @@ def _second_server_is_refused(db: Path | str, log: Path, reason: str) -> None:
 
 
 def _slow_request_in_flight(server: ServerProcess, secret: str) -> tuple[threading.Thread, list[int]]:
-    """A 256-item request on 1-item batches: slow enough to be caught with its items reserved."""
+    """A request on held batches (see held_batch_args), caught with its items reserved."""
     statuses: list[int] = []
 
     def send() -> None:
         with server.client(secret) as client:
             statuses.append(
-                client.post(EMBEDDINGS, json={"input": [f"t{i}" for i in range(256)]}).status_code
+                client.post(EMBEDDINGS, json={"input": [f"t{i}" for i in range(HELD_ITEMS)]}).status_code
             )
 
     sender = threading.Thread(target=send)
@@ -177,7 +184,8 @@ def test_no_other_path_to_the_file_bypasses_the_owner(tmp_path: Path, alias: str
     or the same path finds the live owner row; a hard link is refused before SQLite opens it
     (it would get a write-ahead log of its own and miss the owner row)."""
     db = tmp_path / "cbbt.db"
-    server = ServerProcess(db, extra_args=["--batch-max-items", "1"], log_path=tmp_path / "first.log")
+    # Held long enough that the second server is refused while the request waits in flight.
+    server = ServerProcess(db, extra_args=held_batch_args(8), log_path=tmp_path / "first.log")
     secret = server.create_key("victim", budget_items=10**6, default=False)
     with server:
         if alias == "symlink":
@@ -192,17 +200,18 @@ def test_no_other_path_to_the_file_bypasses_the_owner(tmp_path: Path, alias: str
         sender, statuses = _slow_request_in_flight(server, secret)
         reason = "hard links" if alias == "hard link" else "one server per database"
         _second_server_is_refused(other, tmp_path / "second.log", reason)
+        assert sender.is_alive(), "the request was answered before the second server tried"
         sender.join(timeout=180)
         assert statuses == [200]
         with server.client(secret) as client:
             usage = client.get("/v1/usage").json()
     # The live server's request was answered and stays charged: nobody refunded it.
-    assert usage["spent_items"] == 256
+    assert usage["spent_items"] == HELD_ITEMS
     if alias == "hard link":
         Path(other).unlink()
     with SqliteStore(db) as store:
         key = store.get_key("victim")
-        assert key.spent_items == store.ledger_total(key.id) == 256
+        assert key.spent_items == store.ledger_total(key.id) == HELD_ITEMS
 
 
 def test_the_keys_cli_works_beside_a_live_server(tmp_path: Path) -> None:

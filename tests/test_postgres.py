@@ -24,7 +24,7 @@ from server.ratelimit import SharedRateLimiter
 from server.store import DatabaseInUse, QuotaExceeded, StoreError
 from server.store.factory import open_store
 from server.store.postgres import PostgresStore
-from tests.helpers import FakeClock, ServerProcess, assert_error
+from tests.helpers import HELD_ITEMS, FakeClock, ServerProcess, assert_error, held_batch_args
 from tests.pg import PostgresCluster, wait_for
 
 pytestmark = pytest.mark.postgres
@@ -215,32 +215,37 @@ def test_many_clients_on_replicas_spend_one_budget_exactly(url: str, tmp_path: P
 
 
 def test_a_killed_replica_is_recovered_and_a_live_one_never_is(url: str, tmp_path: Path) -> None:
-    servers = _replicas(url, tmp_path, 2, ["--batch-max-items", "1"])
+    hold_s, n = 12, HELD_ITEMS  # every request stays in flight at least hold_s
+    servers = _replicas(url, tmp_path, 2, held_batch_args(hold_s))
     secret = servers[0].create_key("victim", budget_items=10**6, default=False)
     _start_all(servers)
     killed, live = servers
     try:
-        # A slow request on the live replica, in flight across many sweeps of the other one.
         live_result: list[httpx.Response] = []
-        slow = threading.Thread(target=lambda: live_result.append(_embed(live, secret, 256)))
+        slow = threading.Thread(target=lambda: live_result.append(_embed(live, secret, n)))
         slow.start()
-        doomed = threading.Thread(target=lambda: _quiet(lambda: _embed(killed, secret, 256)))
+        assert wait_for(lambda: _unsettled(url) == 1, 60, 0.01), "the live request was never in flight"
+        doomed = threading.Thread(target=lambda: _quiet(lambda: _embed(killed, secret, n)))
         doomed.start()
-        assert wait_for(lambda: _unsettled(url) == 2, 120, 0.005), "both requests were never in flight"
+        assert wait_for(lambda: _unsettled(url) == 2, 60, 0.01), "both requests were never in flight"
         killed.kill()
         doomed.join(timeout=60)
-        # The dead replica's reservation is refunded by the live one's sweep ...
-        assert wait_for(lambda: _refunded(url) == 1, 60), "the dead replica's request was never refunded"
+        # The dead replica's reservation is refunded by the live one's sweep, while the live
+        # replica's own request is still in flight across those sweeps, and left alone ...
+        assert wait_for(lambda: _refunded(url) == 1, hold_s / 2), (
+            "the dead replica's request was never refunded"
+        )
+        assert _unsettled(url) == 1, "the live request settled before the sweep: the test proved nothing"
         slow.join(timeout=180)
         assert [r.status_code for r in live_result] == [200]
     finally:
         _stop_all(servers)
     spent, total, rows = _books(url, "victim")
-    # ... and the live replica's request, answered, stays charged: never refunded by anyone.
-    assert spent == total == 256
+    # ... and once answered, it stays charged: never refunded by anyone.
+    assert spent == total == n
     assert sorted((items, status, refunded) for items, status, refunded in rows) == [
-        (256, 0, 1),
-        (256, 200, 0),
+        (n, 0, 1),
+        (n, 200, 0),
     ]
 
 
