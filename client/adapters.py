@@ -233,11 +233,42 @@ class LinearHead(nn.Module):
         return cls(state["weight"], state["bias"], extra)
 
 
+@dataclass(frozen=True)
+class RowSpace:
+    """The span of a feature matrix's n rows, as an orthonormal basis `[D, n]` when n < D.
+
+    For a loss of X·Wᵀ plus an L2 penalty on W, every gradient, and so every L-BFGS iterate from
+    W = 0, is a combination of X's rows (the representer theorem). Optimising Z in W = Z·Bᵀ is
+    then the same problem, iterate for iterate (B is an isometry on that span), at n/D of the
+    cost per evaluation: with 16 shots of 10-18 classes, n ≈ 160-290 against D = 1280.
+    `basis` is None when n ≥ D: the span is the whole space and nothing is saved.
+    """
+
+    basis: torch.Tensor | None
+
+    @classmethod
+    def of(cls, inputs: torch.Tensor) -> RowSpace:
+        n, dim = inputs.shape
+        if n >= dim:
+            return cls(None)
+        basis, _ = torch.linalg.qr(inputs.T.double())
+        return cls(basis.to(inputs.dtype))
+
+    def reduce(self, x: torch.Tensor) -> torch.Tensor:
+        """Coordinates in the span: `[..., D] → [..., n]` (a weight's projection onto it, too)."""
+        return x if self.basis is None else x @ self.basis
+
+    def expand(self, z: torch.Tensor) -> torch.Tensor:
+        """Back to the full space: `[..., n] → [..., D]`."""
+        return z if self.basis is None else z @ self.basis.T
+
+
 class LinearProbe(nn.Module):
     """Multinomial logistic regression on L2-normalised features, fitted full-batch by L-BFGS.
 
     The objective is mean cross-entropy + (weight_decay / 2)·‖W‖² (the bias is not decayed):
-    convex, so L-BFGS from zero converges to the same solution every time.
+    convex, so L-BFGS from zero converges to the same solution every time. It is solved in the
+    span of the training features (`RowSpace`), where the optimum lies.
     """
 
     def __init__(self, dim: int, num_classes: int, weight_decay: float = 1e-3, max_iter: int = 200) -> None:
@@ -248,22 +279,32 @@ class LinearProbe(nn.Module):
         self.weight_decay = weight_decay
         self.max_iter = max_iter
 
-    def fit(self, features: torch.Tensor, labels: torch.Tensor) -> LinearProbe:
+    def fit(self, features: torch.Tensor, labels: torch.Tensor, space: RowSpace | None = None) -> LinearProbe:
+        """Fit on `features` [N, D]; `space` is their RowSpace, when the caller already has it."""
         inputs = F.normalize(features.detach().to(self.linear.weight.dtype), dim=-1)
         targets = labels.long()
+        space = RowSpace.of(inputs) if space is None else space
+        reduced = space.reduce(inputs)
+        weight = torch.zeros(
+            self.linear.out_features, reduced.shape[1], dtype=inputs.dtype, requires_grad=True
+        )
+        bias = torch.zeros(self.linear.out_features, dtype=inputs.dtype, requires_grad=True)
         optimiser = torch.optim.LBFGS(
-            self.linear.parameters(), lr=1.0, max_iter=self.max_iter, line_search_fn="strong_wolfe"
+            [weight, bias], lr=1.0, max_iter=self.max_iter, line_search_fn="strong_wolfe"
         )
 
         def closure() -> torch.Tensor:
             optimiser.zero_grad()
-            loss = F.cross_entropy(self.linear(inputs), targets)
-            loss = loss + 0.5 * self.weight_decay * self.linear.weight.pow(2).sum()
+            loss = F.cross_entropy(reduced @ weight.T + bias, targets)
+            loss = loss + 0.5 * self.weight_decay * weight.pow(2).sum()
             loss.backward()
             return loss
 
         with torch.enable_grad():
             final = optimiser.step(closure)
+        with torch.no_grad():
+            self.linear.weight.copy_(space.expand(weight))
+            self.linear.bias.copy_(bias)
         logger.debug("linear probe fitted: objective=%.5f", float(final.detach()))
         return self
 

@@ -125,7 +125,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             settings = settings_from_args(args)
         except ValidationError as exc:  # a flag or CBBT_* variable out of range: one line each, no traceback
-            parser.error("; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()))
+            parser.error("; ".join(_describe(error) for error in exc.errors()))
         return serve(settings, ray=args.ray, replicas=args.replicas, ray_address=args.ray_address)
     if args.command == "models":
         from server.backends.registry import list_models
@@ -133,6 +133,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("\n".join(list_models()))
         return 0
     return run_keys_command(args)
+
+
+def _describe(error: Any) -> str:
+    """`field: message` for one setting; a rule across settings has no field, only its message."""
+    message = str(error["msg"]).removeprefix("Value error, ")
+    field = ".".join(map(str, error["loc"]))
+    return f"{field}: {message}" if field else message
 
 
 if __name__ == "__main__":

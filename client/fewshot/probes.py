@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from client.adapters import LinearProbe
+from client.adapters import LinearProbe, RowSpace
 from client.fewshot.shots import Shots
 
 LBFGS_ITERATIONS = 100
@@ -48,35 +48,45 @@ def fit_anchored_probe(
     *,
     adaptive: bool = True,
     start: AnchoredProbe | None = None,
+    space: RowSpace | None = None,
 ) -> AnchoredProbe:
     """Minimise mean CE + Σ_k (λ_k / 2)·‖w_k − t_k‖² over W (and a bias), from W = T or from
     `start` (the solution at a nearby strength: the problem is convex, so a warm start reaches
-    the same optimum in fewer iterations, which is what keeps a grid cheap with many classes)."""
+    the same optimum in fewer iterations, which is what keeps a grid cheap with many classes).
+    `space` is the shots' RowSpace, when the caller already has it."""
     x, y = shots.flat()
     anchor = F.normalize(prior.float(), dim=-1)
     trust = class_anchor_weights(shots, prior, scale) if adaptive else torch.ones(shots.num_classes)
     lam = strength * trust
-    delta = torch.zeros_like(anchor) if start is None else (start.weight - anchor).clone()
+    # W = T + Z·Bᵀ: the drift from the anchors lies in the span of the features (RowSpace).
+    space = RowSpace.of(x) if space is None else space
+    reduced = space.reduce(x)
+    anchored = scale * x @ anchor.T
+    drift = (
+        torch.zeros(shots.num_classes, reduced.shape[1])
+        if start is None
+        else space.reduce(start.weight - anchor)
+    )
     bias = torch.zeros(shots.num_classes) if start is None else start.bias.clone()
-    delta.requires_grad_(True)
+    drift.requires_grad_(True)
     bias.requires_grad_(True)
     optimiser = torch.optim.LBFGS(
-        [delta, bias], lr=1.0, max_iter=LBFGS_ITERATIONS, line_search_fn="strong_wolfe"
+        [drift, bias], lr=1.0, max_iter=LBFGS_ITERATIONS, line_search_fn="strong_wolfe"
     )
 
     def closure() -> torch.Tensor:
         optimiser.zero_grad()
-        logits = scale * x @ (anchor + delta).T + bias
-        loss = F.cross_entropy(logits, y) + 0.5 * (lam.unsqueeze(1) * delta.pow(2)).sum()
+        logits = anchored + scale * reduced @ drift.T + bias
+        loss = F.cross_entropy(logits, y) + 0.5 * (lam.unsqueeze(1) * drift.pow(2)).sum()
         loss.backward()
         return loss
 
     with torch.enable_grad():
         optimiser.step(closure)
-    return AnchoredProbe((anchor + delta).detach(), bias.detach(), scale)
+    return AnchoredProbe(anchor + space.expand(drift.detach()), bias.detach(), scale)
 
 
-def fit_linear_probe(shots: Shots, weight_decay: float) -> LinearProbe:
+def fit_linear_probe(shots: Shots, weight_decay: float, space: RowSpace | None = None) -> LinearProbe:
     """Plain multinomial logistic regression on every view (no text features)."""
     x, y = shots.flat()
-    return LinearProbe(shots.dim, shots.num_classes, weight_decay=weight_decay).fit(x, y)
+    return LinearProbe(shots.dim, shots.num_classes, weight_decay=weight_decay).fit(x, y, space)
