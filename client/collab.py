@@ -64,14 +64,14 @@ __all__ = ["CollabConfig", "run_collaborative"]
 
 # The feature methods whose classifiers are linear heads, so the result is one exact linear
 # artifact (a Tip cache or a mixture is not); CV over them is within ~0.3 points of the
-# wider fewshot-cv on the data sets measured (docs/benchmarks.md).
+# wider fewshot-cv on the data sets measured (docs/benchmarks/default.md).
 LINEAR_METHODS: tuple[str, ...] = ("zero-shot", "gda", "clap", "linear-probe")
 ACCEPT_Z = 1.0  # the prompt must lower the held-out loss by at least one standard error
 
 
 @dataclass(frozen=True)
 class CollabConfig:
-    """One collaborative run. Estimator settings are cbbt's `fast` preset (docs/benchmarks.md)."""
+    """One collaborative run. Estimator settings are cbbt's `fast` preset (docs/benchmarks/default.md)."""
 
     shots: int = 16
     seed: int = 1
@@ -92,7 +92,7 @@ class CollabConfig:
     weight_floor: float = 0.25
     # Many classes: perturbed prompts are scored on at most this many classes a step (half
     # drawn at random, half the hardest negatives of those), plus one all-class call for the
-    # current prompt; see client/fewshot/stack.py `pick_classes` and docs/benchmarks.md.
+    # current prompt; see client/fewshot/stack.py `pick_classes` and docs/benchmarks/default.md.
     class_subset: int = 48
     directions: int = 4
     antithetic: bool = True

@@ -97,7 +97,7 @@ METHODS: dict[str, MethodSpec] = _specs(
     MethodSpec("prompt-search-tip-f", "feature", {"method": "prompt-search-tip-f"}, _NEEDS_TEMPLATES,
                "Tip-Adapter-F on the searched template ensemble"),
     # client/fewshot: cross-validated over all labelled shots, on the 80-template ensemble;
-    # one view per image (extra views bought nothing measurable: docs/benchmarks.md).
+    # one view per image (extra views bought nothing measurable: docs/benchmarks/default.md).
     MethodSpec("fewshot-cv", "feature", {"method": "fewshot-cv", "views": 1, "template_set": "openai80"},
                _NEEDS_FEATURES, "k-fold CV over all shots chooses among zero-shot, GDA, CLAP probe, "
                "linear probe, Tip cache (or an ensemble of the top ones), on an 80-template ensemble"),
@@ -108,7 +108,7 @@ METHODS: dict[str, MethodSpec] = _specs(
                "CLAP-style probe anchored to the text features; penalty by CV"),
     MethodSpec("adapter", "tune", {"method": "adapter"}, _NEEDS_ONE_PROMPT,
                "CLIP-Adapter residual MLP alone on the 'a {class}.' text features"),
-    # The default: the most accuracy per item (docs/benchmarks.md, "The default cbbt").
+    # The default: the most accuracy per item (docs/benchmarks/default.md, "The default cbbt").
     MethodSpec("cbbt", "collab", {}, _NEEDS_PROMPTS + "; on the embeddings tier, its feature stages only",
                "features -> the feature method chosen by k-fold CV (GDA, CLAP, probe, zero-shot on 80 "
                "templates, or a mean of the top ones' calibrated logits) -> cbbt's estimator tunes a "

@@ -87,7 +87,7 @@ class TuneConfig:
 
 
 # Named settings of the prompt estimator: configs as data. `faithful` is CBBT's released
-# estimator (TuneConfig's defaults); `fast` is cbbt's own (docs/benchmarks.md measures both).
+# estimator (TuneConfig's defaults); `fast` is cbbt's own (docs/benchmarks/peers.md measures both).
 ESTIMATOR_PRESETS: dict[str, dict[str, object]] = {
     "faithful": {},
     "fast": {

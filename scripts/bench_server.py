@@ -9,7 +9,7 @@ A benchmark, not a test: it measures, in one run on one machine,
   once with `--no-auth` and once with an API key (the accounting overhead).
 The three measurements alternate within every round (in-process, HTTP no-auth, HTTP auth, per
 traffic type) so that drift of the machine affects them alike; the table reports the mean
-over rounds and writes it into docs/benchmarks.md between marker comments.
+over rounds and writes it into docs/benchmarks/server.md between marker comments.
 
 Caveat printed with the results: the load-generating client runs on the same cores as the
 server, so the HTTP figures include the client's CPU use; the in-process figures do not.
@@ -444,7 +444,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads, both sides")
     parser.add_argument("--duration", type=float, default=6.0, help="seconds per measurement")
     parser.add_argument("--rounds", type=int, default=2, help="alternating rounds")
-    parser.add_argument("--output", type=Path, default=REPO_ROOT / "docs" / "benchmarks.md")
+    parser.add_argument("--output", type=Path, default=REPO_ROOT / "docs" / "benchmarks" / "server.md")
     parser.add_argument("--no-write", action="store_true", help="print the section, do not write it")
     args = parser.parse_args(argv)
     models = args.model or [DEFAULT_MODEL]

@@ -68,7 +68,7 @@ class ServerSettings(BaseSettings):
     batch_max_items: int = Field(default=64, ge=1)
     # Images batch smaller: a convolutional image tower on CPU costs more per image in larger
     # batches (the activations outgrow the caches); EfficientNet-Lite0 on 2 cores ran ~3x
-    # faster per image at 8 than at 64 (docs/benchmarks.md, "Image throughput"). Image
+    # faster per image at 8 than at 64 (docs/benchmarks/server.md, "Image throughput"). Image
     # batches hold at most min(batch_max_items, image_batch_max_items).
     image_batch_max_items: int = Field(default=8, ge=1)
     batch_max_wait_ms: float = Field(default=5.0, ge=0)

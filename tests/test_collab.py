@@ -258,7 +258,7 @@ def test_the_default_beats_zero_shot_by_far_with_the_real_model(
     data = ["--data", "fashion-mnist", "--test-per-class", "20"]
     assert _tune(devise_server, key, tmp_path, "--budget", "3000", data=data) == 0
     report = read_report(tmp_path / "run")
-    # 4 shots: zero-shot is ~37 % on this model, a 4-shot feature method ~75 % (docs/benchmarks.md).
+    # 4 shots: zero-shot is ~37 % on this model, a 4-shot feature method ~75 % (docs/benchmarks/default.md).
     assert report["test_accuracy"] > report["zero_shot_test_accuracy"] + 0.15, report
     assert report["queries"]["items"] <= 3000
     assert_ledger_matches(report, ledger(devise_server, key))

@@ -27,7 +27,7 @@ Params = tuple[tuple[str, float], ...]
 
 # The feature spaces GDA and the plain probe are fitted in (β of `power_features`; 1 = the
 # features as served). A grid axis like any other, so the CV keeps β = 1 where the transform
-# does not help (measured in docs/benchmarks.md, "Power-transformed features, a calibrated
+# does not help (measured in docs/benchmarks/default.md, "Power-transformed features, a calibrated
 # selection rule, linear ensembles").
 POWERS: tuple[float, ...] = (1.0, 0.5, 0.25)
 

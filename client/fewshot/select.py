@@ -6,7 +6,7 @@ exactly once by a model that never saw it: the out-of-fold (OOF) logits. Candida
 by their *calibrated* OOF cross-entropy (after the one temperature that fits them best), then
 OOF accuracy: on 100-300 labelled images accuracy moves in steps of 0.3-1 point and its
 noise is larger than the gaps between methods, while the log-loss of calibrated logits uses
-every image's margin (measured in docs/benchmarks.md, "Power-transformed features, a
+every image's margin (measured in docs/benchmarks/default.md, "Power-transformed features, a
 calibrated selection rule, linear ensembles"). Ensembles average the calibrated OOF logits of
 the best grid point of the top methods, so they are scored on the same images, and a mean of
 linear heads is still one. The winner is refitted on all shots. The test split never enters: callers pass

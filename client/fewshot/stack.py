@@ -62,7 +62,7 @@ def pick_classes(
 
     The loss restricted to these classes leaves the other classes out of each softmax's
     normaliser; the hard negatives are the terms that carry most of it, which is what keeps
-    the restricted loss's gradient close to the full one (measured in docs/benchmarks.md)."""
+    the restricted loss's gradient close to the full one (measured in docs/benchmarks/default.md)."""
     classes = logits.shape[1]
     if size >= classes:
         return torch.arange(classes)

@@ -66,7 +66,7 @@ class DeviseBackend(Backend):
         self.device = torch.device(device)
         # Any: these third-party modules are duck-typed; mypy cannot see through nn.Module.__getattr__.
         # channels_last: the depthwise convolutions run ~1.4x faster per image on CPU
-        # (docs/benchmarks.md, "Image throughput"); features agree to ~1e-6.
+        # (docs/benchmarks/server.md, "Image throughput"); features agree to ~1e-6.
         self.image_encoder: Any = _load_image_encoder().to(self.device, memory_format=torch.channels_last)
         self.bert: Any
         self.tokenizer: Any
