@@ -112,7 +112,11 @@ def print_json(value: object) -> None:
 def tune(args: TuneArgs, settings: ClientSettings) -> int:
     spec = method(args.method)
     dataset = load_dataset(args.data.spec, data_dir=args.data.data_dir)
-    split = few_shot_split(dataset, args.shots, args.seed, max_test_per_class=args.data.test_per_class)
+    # A user's folder may hold classes smaller than shots + validation: they train on what they
+    # have (one warning, recorded in the report); `cbbt bench` keeps the exact K-shot protocol.
+    split = few_shot_split(
+        dataset, args.shots, args.seed, max_test_per_class=args.data.test_per_class, allow_fewer=True
+    )
     logger.info(
         "%s: %d classes, %d train / %d val / %d test images",
         dataset.name, len(split.class_names), len(split.train), len(split.val), len(split.test),

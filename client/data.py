@@ -206,6 +206,9 @@ class FewShotSplit:
     test: list[Example]
     shots: int
     seed: int
+    # Classes with fewer labelled images than `shots` + validation (only with allow_fewer):
+    # class name -> the training shots drawn for it.
+    short_classes: dict[str, int] = field(default_factory=dict)
 
 
 def class_counts(examples: Iterable[Example]) -> dict[int, int]:
@@ -607,11 +610,15 @@ def few_shot_split(
     *,
     val_per_class: int | None = None,
     max_test_per_class: int | None = None,
+    allow_fewer: bool = False,
 ) -> FewShotSplit:
     """Draws K shots per class and a disjoint validation set; the test set is never sampled from.
 
     Validation comes from `dataset.val` when given, else from the training pool left after the
     shots; it holds min(K, 4) images per class unless `val_per_class` says otherwise.
+    A class with too few images is an error (a K-shot benchmark must not quietly become another),
+    unless `allow_fewer`: then it gives what it has (see `_split_short_pool`), one warning names
+    such classes, and `short_classes` records them.
     `max_test_per_class` subsamples the test set with a fixed seed, identical for all `seed`s.
     Train and validation are ordered by class, then by position in the data set; the test set
     keeps the data set's order.
@@ -627,7 +634,19 @@ def few_shot_split(
     if not dataset.test:
         raise ValueError(f"{dataset.name} has no test examples")
 
-    train, val = _draw_train_and_val(dataset, shots, seed, n_val)
+    train, val, short = _draw_train_and_val(dataset, shots, seed, n_val, allow_fewer=allow_fewer)
+    if short:
+        logger.warning(
+            "%s: %d of %d classes have fewer than %d shots + %d validation images; using what they have "
+            "(training shots: %s)",
+            dataset.name,
+            len(short),
+            len(dataset.class_names),
+            shots,
+            n_val,
+            ", ".join(f"{name} {k}" for name, k in list(short.items())[:10])
+            + (", ..." if len(short) > 10 else ""),
+        )
     test = _subsample_test(dataset, max_test_per_class)
     _require_disjoint(train, val, dataset.test)
     logger.info(
@@ -640,31 +659,69 @@ def few_shot_split(
         len(test),
     )
     return FewShotSplit(
-        class_names=list(dataset.class_names), train=train, val=val, test=test, shots=shots, seed=seed
+        class_names=list(dataset.class_names),
+        train=train,
+        val=val,
+        test=test,
+        shots=shots,
+        seed=seed,
+        short_classes=short,
     )
 
 
 def _draw_train_and_val(
-    dataset: Dataset, shots: int, seed: int, n_val: int
-) -> tuple[list[Example], list[Example]]:
+    dataset: Dataset, shots: int, seed: int, n_val: int, *, allow_fewer: bool
+) -> tuple[list[Example], list[Example], dict[str, int]]:
     num_classes = len(dataset.class_names)
     train_pool = _pool_by_class(dataset.train, num_classes, "train")
     val_pool = None if dataset.val is None else _pool_by_class(dataset.val, num_classes, "val")
     train: list[Example] = []
     val: list[Example] = []
+    short: dict[str, int] = {}
     for label, pool in enumerate(train_pool):
-        needed = shots if val_pool is not None else shots + n_val
-        _require_enough(dataset, label, len(pool), needed, f"{shots} shots + {n_val} validation images")
+        given = None if val_pool is None else val_pool[label]
+        k, v = _shots_and_val(dataset, label, len(pool), given, shots, n_val, allow_fewer=allow_fewer)
+        if k < shots:
+            short[dataset.class_names[label]] = k
         order = _rng(_STREAM_SHOTS, seed, label).permutation(len(pool))
-        train.extend(pool[i] for i in sorted(order[:shots]))
-        if val_pool is None:
-            val.extend(pool[i] for i in sorted(order[shots:needed]))
+        train.extend(pool[i] for i in sorted(order[:k]))
+        if given is None:
+            val.extend(pool[i] for i in sorted(order[k : k + v]))
             continue
-        given = val_pool[label]
-        _require_enough(dataset, label, len(given), n_val, f"{n_val} images from the given val split")
         val_order = _rng(_STREAM_VAL, seed, label).permutation(len(given))
-        val.extend(given[i] for i in sorted(val_order[:n_val]))
-    return train, val
+        val.extend(given[i] for i in sorted(val_order[:v]))
+    return train, val, short
+
+
+def _shots_and_val(
+    dataset: Dataset,
+    label: int,
+    available: int,
+    given: list[Example] | None,
+    shots: int,
+    n_val: int,
+    *,
+    allow_fewer: bool,
+) -> tuple[int, int]:
+    """(training shots, validation images) to draw for one class; too few images is an error
+    unless `allow_fewer` (and even then a class needs one training image)."""
+    enough = available >= shots + n_val if given is None else available >= shots and len(given) >= n_val
+    if enough:
+        return shots, n_val
+    if not allow_fewer or available == 0:
+        needed = shots + n_val if given is None else shots
+        _require_enough(dataset, label, available, needed, f"{shots} shots + {n_val} validation images")
+        _require_enough(dataset, label, len(given or []), n_val, f"{n_val} images from the given val split")
+    if given is None:
+        return _split_short_pool(available, shots, n_val)
+    return min(shots, available), min(n_val, len(given))
+
+
+def _split_short_pool(available: int, shots: int, n_val: int) -> tuple[int, int]:
+    """(shots, validation images) from a class's pool of fewer than shots + n_val images: about
+    one image in five for validation (at least one, once there are two), the rest to train."""
+    v = min(n_val, max(1, available // 5)) if available >= 2 else 0
+    return min(shots, available - v), v
 
 
 def _pool_by_class(examples: list[Example], num_classes: int, split: str) -> list[list[Example]]:

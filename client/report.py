@@ -61,6 +61,8 @@ class RunReport:
     adapter_epochs: int | None = None
     stopped_reason: str | None = None
     items_not_needed: int | None = None  # planned items an early-stopping run did not spend
+    # Classes that had fewer labelled images than shots + validation: name -> shots trained on.
+    short_classes: dict[str, int] = field(default_factory=dict)
     plan: dict[str, Any] | None = None
     white_box: bool = False
     # The API tier the run needed (embeddings | predictions | full): the narrowest one offering
@@ -83,8 +85,9 @@ class RunReport:
 
     def summary(self) -> str:
         q = self.queries
+        fewer = f" ({len(self.short_classes)} classes with fewer)" if self.short_classes else ""
         return (
-            f"method {self.method}, {self.shots}-shot, seed {self.seed}"
+            f"method {self.method}, {self.shots}-shot{fewer}, seed {self.seed}"
             f"{f' ({self.tier} tier)' if self.tier else ''}: "
             f"test accuracy {self.test_accuracy:.4f} (zero-shot {self.zero_shot_test_accuracy:.4f}), "
             f"val {self.val_accuracy:.4f}; queries: {q['calls']} calls, {q['items']} items, "
@@ -129,6 +132,7 @@ def finish_report(
     report = RunReport(
         method=method,
         shots=split.shots,
+        short_classes=dict(split.short_classes),
         seed=split.seed,
         model=card.id,
         classes=len(split.class_names),

@@ -19,7 +19,7 @@ from client.fewshot.methods import default_methods
 from client.fewshot.select import Selection, calibrate, cross_validate, ensemble_of, refit
 from client.fewshot.shots import Shots
 from client.fewshot.stack import as_linear_head, best_weight, holdout_split, pick_classes
-from tests.helpers import ServerProcess
+from tests.helpers import ServerProcess, noise_image
 from tests.test_client_e2e import TINY_DATA, Key, assert_ledger_matches, ledger, new_key, read_report
 
 # 4 shots x 10 classes, 1 view + 40 validation + 50 test images; 80 templates x 10 classes;
@@ -152,6 +152,25 @@ def test_the_default_runs_features_selection_and_a_prompt_on_top_within_its_budg
     selected = report["selected"]
     assert set(selected["cv_accuracy_by_method"]) == {"zero-shot", "gda", "clap", "linear-probe"}
     assert "prompt_kept" in selected and selected["held_out_images"] == 80 // selected["cv_folds"] == 16
+    assert_ledger_matches(report, ledger(tiny_server, key))
+
+
+def test_a_folder_with_a_small_class_trains_it_on_what_it_has(
+    tiny_server: ServerProcess, tmp_path: Path
+) -> None:
+    # A user's class-per-folder tree: two classes of 12 images and one of 3 (7 + 2 after the
+    # 70/30 train/test split). 4 shots + 4 validation images do not fit the small one.
+    folder = tmp_path / "photos"
+    for k, (name, count) in enumerate((("cat", 12), ("dog", 12), ("rare_bird", 3))):
+        (folder / name).mkdir(parents=True)
+        for i in range(count):
+            noise_image(32, 32, seed=100 * k + i).save(folder / name / f"{i}.png")
+    key = new_key(tiny_server)
+    assert (
+        _tune(tiny_server, key, tmp_path, "--budget", "5000", data=["--data", f"imagefolder:{folder}"]) == 0
+    )
+    report = read_report(tmp_path / "run")
+    assert report["short_classes"] == {"rare bird": 1}  # 2 images: 1 trains, 1 validates
     assert_ledger_matches(report, ledger(tiny_server, key))
 
 

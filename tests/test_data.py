@@ -322,6 +322,34 @@ def test_few_shot_too_few_images() -> None:
         few_shot_split(dataset, 0, seed=0)
 
 
+def test_a_user_run_trains_small_classes_on_what_they_have(caplog: pytest.LogCaptureFixture) -> None:
+    dataset = _synthetic_dataset(per_class_train=5)
+    split = few_shot_split(dataset, 8, seed=0, allow_fewer=True)
+    # 5 images: one (5 // 5) for validation, 4 to train; every class is short here.
+    assert class_counts(split.train) == {0: 4, 1: 4, 2: 4} and class_counts(split.val) == {0: 1, 1: 1, 2: 1}
+    assert split.short_classes == {name: 4 for name in dataset.class_names}
+    assert "3 of 3 classes have fewer than 8 shots + 4 validation images" in caplog.text
+    assert not {e.source for e in split.train} & {e.source for e in split.val}
+    # Classes with enough images are drawn exactly as the strict split draws them.
+    assert few_shot_split(dataset, 1, seed=0, allow_fewer=True).short_classes == {}
+    strict = few_shot_split(dataset, 1, seed=0)
+    assert [e.source for e in few_shot_split(dataset, 1, seed=0, allow_fewer=True).train] == [
+        e.source for e in strict.train
+    ]
+    # One image: it trains, nothing validates; no image at all is still an error.
+    one = few_shot_split(_synthetic_dataset(per_class_train=1), 4, seed=0, allow_fewer=True)
+    assert class_counts(one.train) == {0: 1, 1: 1, 2: 1} and one.val == []
+    pixels = np.zeros((4, 4), np.uint8)
+    no_images = Dataset(
+        name="gap",
+        class_names=["a", "b"],
+        train=[Example.from_array(0, pixels, "train/0")],
+        test=[Example.from_array(k, pixels, f"test/{k}") for k in (0, 1)],
+    )
+    with pytest.raises(ValueError, match=r"class 1 \('b'\) has 0 images"):
+        few_shot_split(no_images, 4, seed=0, allow_fewer=True)
+
+
 def test_few_shot_rejects_leaked_test_image() -> None:
     dataset = _synthetic_dataset(per_class_train=2, per_class_test=2, classes=1)
     dataset.test.append(dataset.train[0])
