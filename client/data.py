@@ -87,6 +87,14 @@ _STREAM_TEST_SUBSET = 3
 # Pinned rather than left to Pillow's default: the feature cache is keyed by these bytes, so a
 # changed default would silently invalidate every cached in-memory image.
 _PNG_COMPRESS_LEVEL = 6
+# Camera photos (12-50 MP, 3-20 MB) exceed what servers accept per image (cbbt: 16.7 MP and
+# 8 MiB; hosted APIs less) and 100x what a 224-px encoder uses. Images beyond these bounds are
+# sent downscaled to about 1 MP (shorter side still >= 4x the encoder's 224 px, so the server's
+# own resize does the final anti-aliasing), as JPEG; smaller ones travel as they are.
+UPLOAD_MAX_PIXELS = 2048 * 2048
+UPLOAD_MAX_BYTES = 4 * 1024 * 1024
+_UPLOAD_TARGET_PIXELS = 1024 * 1024
+_UPLOAD_JPEG_QUALITY = 95
 
 _IDX_UINT8 = 0x08
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -153,30 +161,62 @@ class Example:
         return cls(label=label, source=source, _bank=bank, _index=index)
 
     def image(self) -> Image.Image:
-        """The image as RGB (first frame for animated files; EXIF orientation is not applied)."""
+        """The image as RGB, as it is uploaded: first frame for animated files, EXIF
+        orientation not applied, and downscaled to ~1 MP when over UPLOAD_MAX_PIXELS."""
         if self._bank is not None:
             return Image.fromarray(self._bank.pixels[self._index]).convert("RGB")
         assert self.path is not None
         with Image.open(self.path) as img:
-            return img.convert("RGB")
+            return _fit_for_upload(img)
 
     def image_bytes(self) -> bytes:
         """The bytes to upload: deterministic, since the feature cache is keyed by their hash.
 
-        JPEG, PNG and WebP files travel as they are (re-encoding would cost quality and time);
+        JPEG, PNG and WebP files within UPLOAD_MAX_PIXELS and UPLOAD_MAX_BYTES travel as they
+        are (re-encoding would cost quality and time); larger files are sent downscaled, as JPEG;
         anything else, including in-memory images, is encoded as PNG.
         """
-        if self.path is not None:
-            data = self.path.read_bytes()
-            if _is_upload_format(data):
-                return data
+        if self.path is None:
+            return _encode_png(self.image())
+        data = self.path.read_bytes()
+        if _pixels(data) > UPLOAD_MAX_PIXELS or len(data) > UPLOAD_MAX_BYTES:
+            return _encode_jpeg(self.image())
+        if _is_upload_format(data):
+            return data
         return _encode_png(self.image())
+
+
+def _pixels(data: bytes) -> int:
+    """Width x height from the header alone (Pillow decodes lazily); 0 if it cannot be read,
+    which leaves the decision to the decode that follows."""
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            return int(img.width * img.height)
+    except (OSError, ValueError, Image.DecompressionBombError):
+        return 0
+
+
+def _fit_for_upload(img: Image.Image) -> Image.Image:
+    """RGB, downscaled to ~_UPLOAD_TARGET_PIXELS when over UPLOAD_MAX_PIXELS (aspect kept)."""
+    pixels = img.width * img.height
+    if pixels <= UPLOAD_MAX_PIXELS:
+        return img.convert("RGB")
+    scale = (_UPLOAD_TARGET_PIXELS / pixels) ** 0.5
+    size = (max(1, round(img.width * scale)), max(1, round(img.height * scale)))
+    img.draft("RGB", size)  # JPEG: decode at 1/2, 1/4 or 1/8 scale (still >= size), much faster
+    return img.convert("RGB").resize(size, Image.Resampling.LANCZOS)
 
 
 def _is_upload_format(data: bytes) -> bool:
     """Sniffs the content rather than trusting the extension: a mislabelled BMP gets re-encoded."""
     is_webp = data[:4] == b"RIFF" and data[8:12] == b"WEBP"
     return data.startswith(_PNG_SIGNATURE) or data.startswith(_JPEG_SIGNATURE) or is_webp
+
+
+def _encode_jpeg(img: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    img.save(buffer, format="JPEG", quality=_UPLOAD_JPEG_QUALITY)
+    return buffer.getvalue()
 
 
 def _encode_png(img: Image.Image) -> bytes:

@@ -17,6 +17,8 @@ from client.data import (
     DEFAULT_FASHION_MNIST_DIR,
     DIGITS_CLASSES,
     FASHION_MNIST_CLASSES,
+    UPLOAD_MAX_BYTES,
+    UPLOAD_MAX_PIXELS,
     Dataset,
     DatasetUnavailable,
     Example,
@@ -244,6 +246,27 @@ def test_unknown_spec_lists_valid_forms() -> None:
 
 
 # image bytes -----------------------------------------------------------------------------------
+
+
+def test_camera_sized_photos_are_uploaded_downscaled(tmp_path: Path) -> None:
+    # 24 MP (6000 x 4000) is over cbbt's 16.7 MP per image, and 100x what the encoder uses.
+    rng = np.random.default_rng(0)
+    coarse = rng.integers(0, 255, (40, 60, 3), dtype=np.uint8)
+    Image.fromarray(coarse).resize((6000, 4000)).save(tmp_path / "camera.jpg", quality=90)
+    photo = Example.from_file(0, tmp_path / "camera.jpg", "camera.jpg")
+    sent = photo.image_bytes()
+    assert sent == photo.image_bytes()  # deterministic: the feature cache is keyed by it
+    with Image.open(io.BytesIO(sent)) as img:
+        assert img.format == "JPEG" and img.size == (1254, 836)  # ~1 MP, the aspect kept
+    assert photo.image().size == (1254, 836)  # what views are cut from, too
+    # A file under the pixel bound but over the byte bound is re-encoded, not resized.
+    noisy = rng.integers(0, 255, (1800, 1800, 3), dtype=np.uint8)
+    Image.fromarray(noisy).save(tmp_path / "noisy.png")
+    assert (tmp_path / "noisy.png").stat().st_size > UPLOAD_MAX_BYTES and UPLOAD_MAX_PIXELS >= 1800 * 1800
+    with Image.open(
+        io.BytesIO(Example.from_file(0, tmp_path / "noisy.png", "noisy.png").image_bytes())
+    ) as img:
+        assert img.format == "JPEG" and img.size == (1800, 1800)
 
 
 def test_image_bytes_deterministic_and_passthrough(tmp_path: Path) -> None:
