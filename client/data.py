@@ -673,6 +673,10 @@ def few_shot_split(
         raise ValueError(f"max_test_per_class must be at least 1, got {max_test_per_class}")
     if not dataset.test:
         raise ValueError(f"{dataset.name} has no test examples")
+    if len(dataset.class_names) < 2:
+        raise ValueError(
+            f"{dataset.name} has {len(dataset.class_names)} class; a classifier needs at least 2"
+        )
 
     train, val, short = _draw_train_and_val(dataset, shots, seed, n_val, allow_fewer=allow_fewer)
     if short:

@@ -343,6 +343,8 @@ def test_few_shot_too_few_images() -> None:
         few_shot_split(dataset, 4, seed=0)
     with pytest.raises(ValueError, match="shots"):
         few_shot_split(dataset, 0, seed=0)
+    with pytest.raises(ValueError, match="has 1 class; a classifier needs at least 2"):
+        few_shot_split(_synthetic_dataset(classes=1), 1, seed=0)
 
 
 def test_a_user_run_trains_small_classes_on_what_they_have(caplog: pytest.LogCaptureFixture) -> None:
@@ -374,7 +376,7 @@ def test_a_user_run_trains_small_classes_on_what_they_have(caplog: pytest.LogCap
 
 
 def test_few_shot_rejects_leaked_test_image() -> None:
-    dataset = _synthetic_dataset(per_class_train=2, per_class_test=2, classes=1)
+    dataset = _synthetic_dataset(per_class_train=2, per_class_test=2, classes=2)
     dataset.test.append(dataset.train[0])
     with pytest.raises(ValueError, match="also test images"):
         few_shot_split(dataset, 1, seed=0, val_per_class=1)
