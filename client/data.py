@@ -752,12 +752,15 @@ def _shots_and_val(
     enough = available >= shots + n_val if given is None else available >= shots and len(given) >= n_val
     if enough:
         return shots, n_val
-    if not allow_fewer or available == 0:
-        needed = shots + n_val if given is None else shots
-        _require_enough(dataset, label, available, needed, f"{shots} shots + {n_val} validation images")
-        _require_enough(dataset, label, len(given or []), n_val, f"{n_val} images from the given val split")
     if given is None:
+        if not allow_fewer or available == 0:
+            _require_enough(
+                dataset, label, available, shots + n_val, f"{shots} shots + {n_val} validation images"
+            )
         return _split_short_pool(available, shots, n_val)
+    if not allow_fewer or available == 0:
+        _require_enough(dataset, label, available, shots, f"{shots} shots")
+        _require_enough(dataset, label, len(given), n_val, f"{n_val} images from the given val split")
     return min(shots, available), min(n_val, len(given))
 
 
