@@ -116,16 +116,22 @@ def test_gda_with_one_image_per_class_is_the_nearest_class_mean() -> None:
     assert torch.equal(logits.argmax(dim=1), nearest)
 
 
+def _gda_by_solve(shots: Shots, shrinkage: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """GDA's weight Σ_λ⁻¹μ, and the class means μ, by a direct d×d solve (the reference)."""
+    x, y = shots.flat()
+    x = x.double()
+    means = torch.stack([x[y == k].mean(dim=0) for k in range(shots.num_classes)])
+    centred = x - means[y]
+    cov = centred.T @ centred / x.shape[0]
+    eye = torch.eye(shots.dim, dtype=torch.float64)
+    shrunk = (1 - shrinkage) * cov + shrinkage * torch.trace(cov) / shots.dim * eye
+    return torch.linalg.solve(shrunk, means.T), means
+
+
 def test_gda_weight_solves_the_shrunk_covariance() -> None:
     feats, labels, _ = gaussians(50, dim=8, seed=3, views=2)
     shots = Shots.of(feats, labels, 3)
-    x, y = shots.flat()
-    x = x.double()
-    means = torch.stack([x[y == k].mean(dim=0) for k in range(3)])
-    centred = x - means[y]
-    cov = centred.T @ centred / x.shape[0]
-    shrunk = 0.7 * cov + 0.3 * torch.trace(cov) / 8 * torch.eye(8, dtype=torch.float64)
-    expected_w = torch.linalg.solve(shrunk, means.T)
+    expected_w, means = _gda_by_solve(shots, 0.3)
     model = fit_gda(shots, 0.3)
     assert torch.allclose(model.weight.double(), expected_w, rtol=1e-4, atol=1e-4)
     expected_b = -0.5 * (means.T * expected_w).sum(dim=0)
@@ -138,13 +144,7 @@ def test_gda_with_fewer_images_than_dimensions_solves_the_shrunk_covariance() ->
     # n = 12 < d = 40: the eigenbasis comes from the n×n Gram matrix, rank n − C.
     feats, labels, _ = gaussians(4, dim=40, seed=8)
     shots = Shots.of(feats, labels, 3)
-    x, y = shots.flat()
-    x = x.double()
-    means = torch.stack([x[y == k].mean(dim=0) for k in range(3)])
-    centred = x - means[y]
-    cov = centred.T @ centred / x.shape[0]
-    shrunk = 0.8 * cov + 0.2 * torch.trace(cov) / 40 * torch.eye(40, dtype=torch.float64)
-    expected_w = torch.linalg.solve(shrunk, means.T)
+    expected_w, _ = _gda_by_solve(shots, 0.2)
     basis = covariance_basis(shots)
     assert basis.eigenvectors.shape == (40, 12 - 3)
     assert torch.allclose(basis.model(0.2).weight.double(), expected_w, rtol=1e-4, atol=1e-3)
