@@ -27,7 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    blob = torch.load(args.features, weights_only=False)
+    blob = torch.load(args.features, weights_only=True)
     for seed in args.seeds:
         labelled, priors, scale = labelled_split(blob, 16, seed)
         started = time.perf_counter()

@@ -94,10 +94,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    blob = torch.load(args.features, weights_only=False)
+    blob = torch.load(args.features, weights_only=True)
     if not args.flips.exists():
         torch.save(mirror_features(blob), args.flips)
-    results = study(blob, torch.load(args.flips, weights_only=False))
+    results = study(blob, torch.load(args.flips, weights_only=True))
     base = results["plain"]
     print(f"{blob['data']}: test accuracy %, seeds {', '.join(map(str, SEEDS))}")
     for name, accs in results.items():
