@@ -185,7 +185,7 @@ def test_no_other_path_to_the_file_bypasses_the_owner(tmp_path: Path, alias: str
     (it would get a write-ahead log of its own and miss the owner row)."""
     db = tmp_path / "cbbt.db"
     # Held long enough that the second server is refused while the request waits in flight.
-    server = ServerProcess(db, extra_args=held_batch_args(8), log_path=tmp_path / "first.log")
+    server = ServerProcess(db, extra_args=held_batch_args(20), log_path=tmp_path / "first.log")
     secret = server.create_key("victim", budget_items=10**6, default=False)
     with server:
         if alias == "symlink":

@@ -215,7 +215,7 @@ def test_many_clients_on_replicas_spend_one_budget_exactly(url: str, tmp_path: P
 
 
 def test_a_killed_replica_is_recovered_and_a_live_one_never_is(url: str, tmp_path: Path) -> None:
-    hold_s, n = 12, HELD_ITEMS  # every request stays in flight at least hold_s
+    hold_s, n = 20, HELD_ITEMS  # every request stays in flight at least hold_s
     servers = _replicas(url, tmp_path, 2, held_batch_args(hold_s))
     secret = servers[0].create_key("victim", budget_items=10**6, default=False)
     _start_all(servers)
