@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
-from PIL import Image
+from PIL import ExifTags, Image, ImageOps
 
 __all__ = [
     "DEFAULT_FASHION_MNIST_DIR",
@@ -161,39 +161,51 @@ class Example:
         return cls(label=label, source=source, _bank=bank, _index=index)
 
     def image(self) -> Image.Image:
-        """The image as RGB, as it is uploaded: first frame for animated files, EXIF
-        orientation not applied, and downscaled to ~1 MP when over UPLOAD_MAX_PIXELS."""
+        """The image as RGB, as it is uploaded: first frame for animated files, upright (its
+        EXIF orientation applied, as viewers show phone photos), and downscaled to ~1 MP when
+        over UPLOAD_MAX_PIXELS."""
         if self._bank is not None:
             return Image.fromarray(self._bank.pixels[self._index]).convert("RGB")
         assert self.path is not None
         with Image.open(self.path) as img:
+            if _orientation(img) != 1:
+                return _fit_for_upload(ImageOps.exif_transpose(img))
             return _fit_for_upload(img)
 
     def image_bytes(self) -> bytes:
         """The bytes to upload: deterministic, since the feature cache is keyed by their hash.
 
-        JPEG, PNG and WebP files within UPLOAD_MAX_PIXELS and UPLOAD_MAX_BYTES travel as they
-        are (re-encoding would cost quality and time); larger files are sent downscaled, as JPEG;
-        anything else, including in-memory images, is encoded as PNG.
+        JPEG, PNG and WebP files within UPLOAD_MAX_PIXELS and UPLOAD_MAX_BYTES, stored upright,
+        travel as they are (re-encoding would cost quality and time); larger or rotated ones are
+        sent as `image()`, as JPEG; anything else, including in-memory images, as PNG.
         """
         if self.path is None:
             return _encode_png(self.image())
         data = self.path.read_bytes()
-        if _pixels(data) > UPLOAD_MAX_PIXELS or len(data) > UPLOAD_MAX_BYTES:
+        pixels, orientation = _header(data)
+        if pixels > UPLOAD_MAX_PIXELS or len(data) > UPLOAD_MAX_BYTES or orientation != 1:
             return _encode_jpeg(self.image())
         if _is_upload_format(data):
             return data
         return _encode_png(self.image())
 
 
-def _pixels(data: bytes) -> int:
-    """Width x height from the header alone (Pillow decodes lazily); 0 if it cannot be read,
-    which leaves the decision to the decode that follows."""
+def _header(data: bytes) -> tuple[int, int]:
+    """(width x height, EXIF orientation) from the header alone (Pillow decodes lazily);
+    (0, 1) if it cannot be read, which leaves the decision to the decode that follows."""
     try:
         with Image.open(io.BytesIO(data)) as img:
-            return int(img.width * img.height)
+            return int(img.width * img.height), _orientation(img)
     except (OSError, ValueError, Image.DecompressionBombError):
-        return 0
+        return 0, 1
+
+
+def _orientation(img: Image.Image) -> int:
+    """The EXIF orientation tag (1: stored upright); 1 when the EXIF block is unreadable."""
+    try:
+        return int(img.getexif().get(ExifTags.Base.Orientation, 1))
+    except (OSError, ValueError, SyntaxError, TypeError):
+        return 1
 
 
 def _fit_for_upload(img: Image.Image) -> Image.Image:

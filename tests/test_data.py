@@ -269,6 +269,23 @@ def test_camera_sized_photos_are_uploaded_downscaled(tmp_path: Path) -> None:
         assert img.format == "JPEG" and img.size == (1800, 1800)
 
 
+def test_a_photo_stored_rotated_is_uploaded_upright(tmp_path: Path) -> None:
+    # Phones store the sensor's pixels and an EXIF orientation (6: turn 90° clockwise to view).
+    pixels = np.zeros((40, 60, 3), np.uint8)
+    pixels[:, :30] = 255  # left half white as stored: the top half once upright
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(pixels).save(tmp_path / "phone.jpg", exif=exif.tobytes(), quality=95)
+    photo = Example.from_file(0, tmp_path / "phone.jpg", "phone.jpg")
+    sent = photo.image_bytes()
+    assert sent != (tmp_path / "phone.jpg").read_bytes() and sent == photo.image_bytes()
+    with Image.open(io.BytesIO(sent)) as img:
+        upright = np.asarray(img.convert("L"), dtype=float)
+    assert upright.shape == (60, 40)  # turned: 40 wide, 60 tall
+    assert upright[:25].mean() > 200 and upright[35:].mean() < 50  # white on top, as viewers show it
+    assert photo.image().size == (40, 60)
+
+
 def test_image_bytes_deterministic_and_passthrough(tmp_path: Path) -> None:
     _save_image(tmp_path / "a.jpg", 10, fmt="JPEG")
     _save_image(tmp_path / "b.bmp", 10, fmt="BMP")
