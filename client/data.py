@@ -168,9 +168,7 @@ class Example:
             return Image.fromarray(self._bank.pixels[self._index]).convert("RGB")
         assert self.path is not None
         with Image.open(self.path) as img:
-            if _orientation(img) != 1:
-                return _fit_for_upload(ImageOps.exif_transpose(img))
-            return _fit_for_upload(img)
+            return _as_uploaded(img)
 
     def image_bytes(self) -> bytes:
         """The bytes to upload: deterministic, since the feature cache is keyed by their hash.
@@ -184,7 +182,8 @@ class Example:
         data = self.path.read_bytes()
         pixels, orientation = _header(data)
         if pixels > UPLOAD_MAX_PIXELS or len(data) > UPLOAD_MAX_BYTES or orientation != 1:
-            return _encode_jpeg(self.image())
+            with Image.open(io.BytesIO(data)) as img:  # the bytes already read: no second read
+                return _encode_jpeg(_as_uploaded(img))
         if _is_upload_format(data):
             return data
         return _encode_png(self.image())
@@ -206,6 +205,13 @@ def _orientation(img: Image.Image) -> int:
         return int(img.getexif().get(ExifTags.Base.Orientation, 1))
     except (OSError, ValueError, SyntaxError, TypeError):
         return 1
+
+
+def _as_uploaded(img: Image.Image) -> Image.Image:
+    """An opened file as `Example.image` gives it: upright, RGB, at most ~UPLOAD_MAX_PIXELS."""
+    if _orientation(img) != 1:
+        return _fit_for_upload(ImageOps.exif_transpose(img))
+    return _fit_for_upload(img)
 
 
 def _fit_for_upload(img: Image.Image) -> Image.Image:

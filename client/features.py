@@ -9,6 +9,7 @@ lost (killed client, dropped connection) is replayed, not charged again.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import logging
@@ -37,6 +38,22 @@ def content_hash(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def image_hash(example: Example) -> str:
+    """content_hash of the bytes `example` is uploaded as. A run asks for each image's hash
+    several times (plan, cache lookup, view seeds), and a camera photo's bytes cost a decode,
+    a resize and a JPEG encode (~0.1 s), so a file's hash is kept while its size and mtime stay."""
+    if example.path is None:
+        return content_hash(example.image_bytes())
+    stat = example.path.stat()
+    return _file_hash(example, stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=65536)
+def _file_hash(example: Example, size: int, mtime_ns: int) -> str:
+    del size, mtime_ns  # part of the cache key only: a rewritten file is hashed afresh
+    return content_hash(example.image_bytes())
+
+
 def augmented_view(image: Image.Image, seed: int, *, flip: bool = True) -> Image.Image:
     """A deterministic random resized crop (+ horizontal flip) of `image`, at its own size."""
     rng = np.random.default_rng(seed)
@@ -61,10 +78,9 @@ def augmented_view(image: Image.Image, seed: int, *, flip: bool = True) -> Image
 
 def view_bytes(example: Example, view: int, *, flip: bool = True) -> bytes:
     """View 0 is the image itself; views >= 1 are seeded augmentations, PNG-encoded."""
-    original = example.image_bytes()
     if view == 0:
-        return original
-    seed = int(content_hash(original)[:15], 16) + view
+        return example.image_bytes()
+    seed = int(image_hash(example)[:15], 16) + view
     buffer = io.BytesIO()
     augmented_view(example.image(), seed, flip=flip).save(buffer, format="PNG", compress_level=6)
     return buffer.getvalue()
@@ -128,16 +144,16 @@ class FeatureStore:
         self.progress = progress
         self.model_id = client.model_card().id
 
-    def _key(self, image_hash: str, view: int) -> str:
-        return f"{self.model_id}|{image_hash}|{view}|{int(self.flip)}"
+    def _key(self, digest: str, view: int) -> str:
+        return f"{self.model_id}|{digest}|{view}|{int(self.flip)}"
 
     def item_count(self, examples: Sequence[Example], views: int) -> int:
         """How many images `features(examples, views)` uses, cached or not."""
-        return len({self._key(content_hash(e.image_bytes()), v) for e in examples for v in range(views)})
+        return len({self._key(image_hash(e), v) for e in examples for v in range(views)})
 
     def missing_count(self, examples: Sequence[Example], views: int) -> int:
         """How many images a `features(examples, views)` call would pay for."""
-        keys = [self._key(content_hash(e.image_bytes()), v) for e in examples for v in range(views)]
+        keys = [self._key(image_hash(e), v) for e in examples for v in range(views)]
         return len(set(keys)) - len(self.cache.get_many(sorted(set(keys))))
 
     def features(
@@ -151,7 +167,7 @@ class FeatureStore:
         fetched batch's size goes to `on_batch` (and the store's `progress`)."""
         # Cached or not, image features are what /v1/embeddings sells: the run used that route.
         self.client.counter.routes.add(ROUTE_EMBEDDINGS)
-        hashes = [content_hash(e.image_bytes()) for e in examples]
+        hashes = [image_hash(e) for e in examples]
         wanted = [(i, v, self._key(h, v)) for i, h in enumerate(hashes) for v in range(views)]
         cached = self.cache.get_many(sorted({k for _, _, k in wanted}))
         todo: dict[str, tuple[int, int]] = {}

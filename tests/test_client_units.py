@@ -22,7 +22,7 @@ from client.api import QueryCounter
 from client.artifact import CONFIG_FILE, TENSORS_FILE, Artifact, load_artifact, save_artifact
 from client.data import Example
 from client.estimators import EstimatorConfig
-from client.features import FeatureCache, FeatureStore, augmented_view, content_hash, view_bytes
+from client.features import FeatureCache, FeatureStore, augmented_view, content_hash, image_hash, view_bytes
 from client.plan import BudgetTooSmall, make_plan
 from client.steppers import (
     Baseline,
@@ -344,6 +344,16 @@ def test_features_are_keyed_by_model_and_content(tmp_path: Path) -> None:
     # the flag for every view, so view 0 is fetched again too: a harmless over-fetch).
     assert no_flip.items in (3, 6)
     cache.close()
+
+
+def test_a_files_hash_is_its_upload_bytes_and_follows_a_rewrite(tmp_path: Path) -> None:
+    path = tmp_path / "a.png"
+    Image.new("RGB", (8, 8), "red").save(path)
+    example = Example.from_file(0, path, "a.png")
+    first = image_hash(example)
+    assert first == content_hash(example.image_bytes()) == image_hash(example)
+    Image.new("RGB", (9, 9), "blue").save(path)  # rewritten in place: new size, new mtime
+    assert image_hash(example) == content_hash(example.image_bytes()) != first
 
 
 def test_feature_requests_have_deterministic_idempotency_keys(tmp_path: Path) -> None:
