@@ -54,7 +54,12 @@ TUNE_FLAGS: tuple[tuple[str, str, Any, str], ...] = (
     ("--prompt-lr", "prompt_lr", float, "Adam learning rate of the prompt"),
     ("--epochs", "epochs", int, "epochs of the faithful schedule (scaled to the budget)"),
     ("--batch-size", "batch_size", int, "images per prompt step (0: all cached training views)"),
-    ("--optimizer", "optimizer", str, "estimator (CBBT) or a peer's: cmaes, spsa-gc, zip"),
+    (
+        "--optimizer",
+        "optimizer",
+        str,
+        "estimator (CBBT), surrogate (cbbt: a model of the text features) or a peer's: cmaes, spsa-gc, zip",
+    ),
     ("--antithetic", "antithetic", _bool, "two-sided differences (true/false)"),
     ("--orthogonal", "orthogonal", _bool, "orthonormal directions (true/false)"),
     ("--history", "history", int, "directions spent on the span of recent estimates"),

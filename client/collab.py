@@ -57,6 +57,7 @@ from client.report import RunReport, finish_report
 from client.run_context import RunContext, SplitFeatures
 from client.selection import CurvePoint, curve_point
 from client.steppers import cosine_with_warmup, make_stepper, points_per_step
+from client.surrogate import SurrogateConfig
 
 logger = logging.getLogger(__name__)
 
@@ -94,6 +95,13 @@ class CollabConfig:
     # drawn at random, half the hardest negatives of those), plus one all-class call for the
     # current prompt; see client/fewshot/stack.py `pick_classes` and docs/benchmarks/default.md.
     class_subset: int = 48
+    # "surrogate": a model of the text features fitted from each step's probes (client/
+    # surrogate.py); "estimator": the scalar `fast` estimator + AdamW. With a class subset the
+    # features of a step cover other classes than the last step's, so the estimator is used.
+    optimizer: str = "estimator"
+    trust_radius: float = 0.1  # the surrogate's first trust radius, a fraction of |θ₀|
+    max_trust_radius: float = 1.0
+    model_memory: int = 48  # the surrogate's Jacobian columns
     directions: int = 4
     antithetic: bool = True
     orthogonal: bool = True
@@ -110,6 +118,12 @@ class CollabConfig:
             clip_norm=self.clip_norm,
             orthogonal=self.orthogonal,
         )
+
+    def surrogate_config(self) -> SurrogateConfig:
+        return SurrogateConfig(
+            directions=self.directions, mu=self.mu, memory=self.model_memory,
+            radius=self.trust_radius, max_radius=self.max_trust_radius,
+        )  # fmt: skip
 
 
 def collab_config(values: dict[str, object]) -> CollabConfig:
@@ -166,7 +180,7 @@ def make_collab_plan(
     text_items = classes * len(template_set(cfg.template_set))
     fixed = check_features_and_texts(feature_items=feature_items, text_items=text_items, budget=cfg.budget)
     scored = min(classes, cfg.class_subset)
-    per_step = points_per_step("estimator", 1, cfg.estimator_config()) * scored
+    per_step = points_per_step(prompt_optimizer(cfg, classes), 1, cfg.estimator_config()) * scored
     if scored < classes:
         per_step += classes  # the current prompt on every class, for the held-out images
     init_items = 1 if soft_prompts else 0  # the initial prompt's token vectors
@@ -228,13 +242,18 @@ class StackedLoss:
         texts = prompt_text_features(self.api, points.reshape(-1, *self.shape), self.classes, self.key)
         self.text_features = texts
         with torch.no_grad():
-            losses = [
-                F.cross_entropy(
-                    self.base + self.weight * clip_logits(self.images, t, self.scale), self.labels
-                )
-                for t in texts
-            ]
-        return torch.stack(losses).double()
+            return torch.stack([self.loss_of_texts(t) for t in texts]).double()
+
+    def loss_of_texts(self, texts: torch.Tensor) -> torch.Tensor:
+        logits = self.base + self.weight * clip_logits(self.images, texts, self.scale)
+        return F.cross_entropy(logits, self.labels)
+
+
+def prompt_optimizer(cfg: CollabConfig, classes: int) -> str:
+    """The prompt stage's stepper: the configured one, or the estimator when classes are subset."""
+    if cfg.optimizer not in ("estimator", "surrogate"):
+        raise RequestError(f"optimizer {cfg.optimizer!r}: the default cbbt tunes with estimator or surrogate")
+    return "estimator" if classes > cfg.class_subset else cfg.optimizer
 
 
 def subset_loss(
@@ -352,8 +371,8 @@ def tune_prompt_on_top(
     generator = torch.Generator().manual_seed(cfg.seed)
     lr_at = cosine_with_warmup(plan.steps, 0, cfg.prompt_lr, cfg.prompt_lr)
     stepper = make_stepper(
-        "estimator", theta0, generator, estimator=cfg.estimator_config(), lr=cfg.prompt_lr,
-        weight_decay=cfg.prompt_weight_decay, lr_at=lr_at,
+        prompt_optimizer(cfg, len(classes)), theta0, generator, estimator=cfg.estimator_config(),
+        lr=cfg.prompt_lr, weight_decay=cfg.prompt_weight_decay, lr_at=lr_at, surrogate=cfg.surrogate_config(),
     )  # fmt: skip
     best = PromptResult(
         None, None, 0.0, temperature, base_held.loss, base_held.accuracy, base_held.loss,

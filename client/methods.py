@@ -116,9 +116,9 @@ METHODS: dict[str, MethodSpec] = _specs(
     # CBBT's released recipe, unchanged (also `cbbt --estimator faithful`).
     MethodSpec("cbbt-paper", "tune", {"method": "cbbt", "estimator": "faithful"}, _NEEDS_PROMPTS,
                "faithful CBBT: estimated-gradient prompt + residual adapter"),
-    MethodSpec("cbbt-prompt", "tune", {"method": "cbbt-prompt", "estimator": "fast"}, _NEEDS_PROMPTS,
-               "cbbt's estimator (full-batch loss, 4 antithetic orthogonal directions, lr 5e-2), "
-               "prompt only"),
+    MethodSpec("cbbt-prompt", "tune", {"method": "cbbt-prompt", "estimator": "surrogate"}, _NEEDS_PROMPTS,
+               "cbbt's surrogate: the text features' Jacobian fitted from 4 antithetic probes a step, "
+               "trust-region steps on the full-batch loss; prompt only"),
     MethodSpec("cbbt-faithful-prompt", "tune", {"method": "cbbt-prompt", "estimator": "faithful"},
                _NEEDS_PROMPTS, "faithful CBBT estimator (q=256, one-sided), prompt only"),
     MethodSpec("cmaes-prompt", "tune", {"method": "cbbt-prompt", "optimizer": "cmaes"}, _NEEDS_PROMPTS,
@@ -128,7 +128,8 @@ METHODS: dict[str, MethodSpec] = _specs(
     MethodSpec("zip-prompt", "tune", {"method": "cbbt-prompt", "optimizer": "zip"}, _NEEDS_PROMPTS,
                "ZIP-style low-rank context, SPSA, sqrt(d) clipping, prompt only"),
     MethodSpec("cbbt-fast-prompt", "tune", {"method": "cbbt-prompt", "estimator": "fast"}, _NEEDS_PROMPTS,
-               "= cbbt-prompt (the name the estimator benchmark recorded it under)"),
+               "cbbt's scalar estimator (full-batch loss, 4 antithetic orthogonal directions, "
+               "AdamW 5e-2), prompt only"),
     MethodSpec("cbbt-fast", "tune", {"method": "cbbt", "estimator": "fast"}, _NEEDS_PROMPTS,
                "cbbt's estimator + Tip-Adapter-F cache on the tuned prompt's logits"),
     MethodSpec("cbbt-fast-residual", "tune", {"method": "cbbt", "estimator": "fast", "adapter": "residual"},

@@ -33,6 +33,15 @@ class LossOracle(Protocol):
     def __call__(self, points: torch.Tensor) -> torch.Tensor: ...
 
 
+class TextLossOracle(LossOracle, Protocol):
+    """A LossOracle whose loss is a known function of the class text features, so a stepper
+    can evaluate (and differentiate) it at modelled features without a query."""
+
+    def loss_of_texts(self, texts: torch.Tensor) -> torch.Tensor:
+        """[C, D] class text features -> the scalar loss, differentiable in `texts`."""
+        ...
+
+
 def prompt_text_features(
     api: ModelApi, prompts: torch.Tensor, class_names: Sequence[str], key: str
 ) -> torch.Tensor:
@@ -71,8 +80,7 @@ class PromptLoss:
         texts = prompt_text_features(self.api, prompts, self.class_names, self.key)
         self.text_features = texts
         with torch.no_grad():
-            losses = [
-                F.cross_entropy(logits_of(self.adapter, self.images, t, self.scale), self.labels)
-                for t in texts
-            ]
-        return torch.stack(losses)
+            return torch.stack([self.loss_of_texts(t) for t in texts])
+
+    def loss_of_texts(self, texts: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(logits_of(self.adapter, self.images, texts, self.scale), self.labels)

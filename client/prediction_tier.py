@@ -20,7 +20,7 @@ import logging
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 import torch
@@ -262,6 +262,12 @@ def run_on_predictions(ctx: RunContext, cfg: TuneConfig, *, faithful_steps: int)
     api = ctx.api
     if not isinstance(api, ClassifyClient):
         raise TypeError("the prediction tier runs on a ClassifyClient")
+    if cfg.optimizer == "surrogate":
+        # The surrogate models the class text features, and this tier returns none.
+        logger.info(
+            "the prediction tier returns no text features: the prompt is tuned with the scalar estimator"
+        )
+        cfg = replace(cfg, optimizer="estimator")
     started = time.time()
     ctx.folder.create()
     card = api.model_card()

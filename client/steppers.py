@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, cast
 
 import torch
 
@@ -28,7 +28,8 @@ from client.estimators import (
     ZipConfig,
     ZipOptimizer,
 )
-from client.oracle import LossOracle
+from client.oracle import LossOracle, TextLossOracle
+from client.surrogate import SurrogateConfig, SurrogateTrustRegion
 
 
 @dataclass(frozen=True)
@@ -137,7 +138,34 @@ class Baseline:
         self.optimizer.load_state_dict(state["optimizer"])  # type: ignore[arg-type]
 
 
-OPTIMIZERS = ("estimator", "cmaes", "spsa-gc", "zip")
+class Surrogate:
+    """cbbt's feature-model stepper (client/surrogate.py): the same 1 + 2q prompts a step as the
+    antithetic estimator, but it fits the class text features' Jacobian from them and steps
+    in a trust region on the exact loss of the modelled features. Needs an oracle whose loss is
+    a function of the text features (`TextLossOracle`): the embeddings and prompt tiers."""
+
+    def __init__(self, theta: torch.Tensor, config: SurrogateConfig, generator: torch.Generator) -> None:
+        self.region = SurrogateTrustRegion(theta, config, generator)
+
+    @property
+    def points_per_step(self) -> int:
+        return self.region.points_per_step
+
+    def step(self, index: int, theta: torch.Tensor, oracle: LossOracle) -> StepOutcome:
+        if not hasattr(oracle, "loss_of_texts"):
+            raise TypeError("the surrogate stepper needs an oracle with loss_of_texts (text features)")
+        result = self.region.step(theta, cast(TextLossOracle, oracle))
+        proposal = result.proposal.reshape(theta.shape).to(device=theta.device, dtype=theta.dtype)
+        return StepOutcome(proposal, result.loss, result.texts.to(torch.float32))
+
+    def state_dict(self) -> dict[str, object]:
+        return {"region": self.region.state_dict()}
+
+    def load_state_dict(self, state: dict[str, object]) -> None:
+        self.region.load_state_dict(state["region"])  # type: ignore[arg-type]
+
+
+OPTIMIZERS = ("estimator", "surrogate", "cmaes", "spsa-gc", "zip")
 
 
 def make_stepper(
@@ -149,10 +177,16 @@ def make_stepper(
     lr: float,
     weight_decay: float,
     lr_at: Callable[[int], float],
+    surrogate: SurrogateConfig | None = None,
 ) -> PromptStepper:
+    """`surrogate` defaults to the estimator's q directions and μ with the surrogate's own
+    trust-region settings."""
     dim = theta.numel()
     if name == "estimator":
         return EstimatedGradient(theta, estimator, generator, lr=lr, weight_decay=weight_decay, lr_at=lr_at)
+    if name == "surrogate":
+        config = surrogate or SurrogateConfig(directions=estimator.directions, mu=estimator.mu)
+        return Surrogate(theta, config, generator)
     if name == "cmaes":
         return Baseline(CmaesOptimizer(dim, CmaesConfig(), generator))
     if name == "spsa-gc":
@@ -166,6 +200,8 @@ def points_per_step(name: str, dim: int, estimator: EstimatorConfig) -> int:
     """Cost of one step in loss evaluations, without building the optimiser's state."""
     if name == "estimator":
         return 1 + (2 if estimator.antithetic else 1) * estimator.directions
+    if name == "surrogate":
+        return 1 + 2 * estimator.directions
     stepper = make_stepper(
         name,
         torch.zeros(dim),

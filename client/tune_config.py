@@ -13,6 +13,7 @@ from typing import Literal
 from client.errors import RequestError
 from client.estimators import EstimatorConfig
 from client.model import AdapterKind
+from client.surrogate import SurrogateConfig
 
 Method = Literal["cbbt", "cbbt-prompt", "adapter", "zero-shot"]
 MODES: tuple[str, ...] = ("cbbt", "cbbt-prompt", "adapter", "zero-shot")
@@ -38,7 +39,11 @@ class TuneConfig:
     orthogonal: bool = False
     history: int = 0
     clip_sqrt_d: bool = False
-    optimizer: str = "estimator"  # or a peer's: cmaes, spsa-gc, zip (see client.steppers)
+    optimizer: str = "estimator"  # or surrogate, or a peer's: cmaes, spsa-gc, zip (client.steppers)
+    # The surrogate's trust region, as fractions of |θ₀|, and its Jacobian memory (columns).
+    trust_radius: float = 0.1
+    max_trust_radius: float = 1.0
+    model_memory: int = 48
     prompt_lr: float = 2e-3
     prompt_weight_decay: float = 5e-4
     warmup_lr: float = 1e-5
@@ -85,25 +90,36 @@ class TuneConfig:
             clip_sqrt_d=self.clip_sqrt_d,
         )
 
+    def surrogate_config(self) -> SurrogateConfig:
+        return SurrogateConfig(
+            directions=self.directions, mu=self.mu, memory=self.model_memory,
+            radius=self.trust_radius, max_radius=self.max_trust_radius,
+        )  # fmt: skip
+
 
 # Named settings of the prompt estimator: configs as data. `faithful` is CBBT's released
 # estimator (TuneConfig's defaults); `fast` is cbbt's own (docs/benchmarks/peers.md measures both).
+_FAST: dict[str, object] = {
+    # Evaluate every perturbed prompt on ALL cached training views: image features are
+    # local, so a bigger batch costs no queries and removes mini-batch noise.
+    "batch_size": 0,
+    # Few antithetic, orthogonal directions per step, many more steps for the same items.
+    "directions": 4,
+    "antithetic": True,
+    "orthogonal": True,
+    # Fewer, noisier steps than the faithful schedule's 750 need a larger step.
+    "prompt_lr": 5e-2,
+    # A Tip-Adapter-F cache added to the prompt's logits keeps the tuned prompt's gain,
+    # where a residual adapter on image features tends to absorb it.
+    "adapter": "tip",
+}
 ESTIMATOR_PRESETS: dict[str, dict[str, object]] = {
     "faithful": {},
-    "fast": {
-        # Evaluate every perturbed prompt on ALL cached training views: image features are
-        # local, so a bigger batch costs no queries and removes mini-batch noise.
-        "batch_size": 0,
-        # Few antithetic, orthogonal directions per step, many more steps for the same items.
-        "directions": 4,
-        "antithetic": True,
-        "orthogonal": True,
-        # Fewer, noisier steps than the faithful schedule's 750 need a larger step.
-        "prompt_lr": 5e-2,
-        # A Tip-Adapter-F cache added to the prompt's logits keeps the tuned prompt's gain,
-        # where a residual adapter on image features tends to absorb it.
-        "adapter": "tip",
-    },
+    "fast": _FAST,
+    # `fast`'s probes, but the stepper fits the text features' Jacobian from them and steps in
+    # a trust region (client/surrogate.py; measured against CMA-ES in docs/benchmarks/default.md).
+    # Where the API returns no features (the prediction tier) it runs as `fast`.
+    "surrogate": {**_FAST, "optimizer": "surrogate"},
 }
 
 

@@ -538,7 +538,10 @@ def test_each_method_gets_its_benchmarked_default_estimator() -> None:
 
     assert config().estimator == "faithful"
     prompt_only = config("cbbt-prompt")
-    assert prompt_only.estimator == "fast" and prompt_only.batch_size == 0
+    assert prompt_only.estimator == "surrogate" and prompt_only.optimizer == "surrogate"
+    assert prompt_only.batch_size == 0
+    scalar = config("cbbt-fast-prompt")
+    assert scalar.estimator == "fast" and scalar.optimizer == "estimator" and scalar.batch_size == 0
     explicit = config("cbbt-prompt", estimator="faithful", directions=8)
     assert explicit.estimator == "faithful" and explicit.directions == 8 and explicit.batch_size == 32
     assert config("cbbt-faithful-prompt").estimator == "faithful"
@@ -559,7 +562,7 @@ def test_tune_and_bench_resolve_a_method_name_to_the_same_config(tmp_path: Path)
     run = {"shots": 16, "seed": 1, "views": 1, "budget": 900}
     from_tune = tune_config_for(method(tune_args.method), _flags(tune_args), run)
     from_bench = tune_config_for(method(bench_args.methods[0]), _flags(bench_args), run)
-    assert from_tune == from_bench and from_tune.estimator == "fast" and from_tune.directions == 8
+    assert from_tune == from_bench and from_tune.estimator == "surrogate" and from_tune.directions == 8
 
 
 def test_the_cli_reports_bad_input_in_one_line_and_exits_2(tmp_path: Path) -> None:
