@@ -121,7 +121,8 @@ class CollabConfig:
 
     def surrogate_config(self) -> SurrogateConfig:
         return SurrogateConfig(
-            directions=self.directions, mu=self.mu, memory=self.model_memory,
+            # The memory holds at least one step's probes, however many directions a step draws.
+            directions=self.directions, mu=self.mu, memory=max(self.model_memory, self.directions),
             radius=self.trust_radius, max_radius=self.max_trust_radius,
         )  # fmt: skip
 
@@ -372,7 +373,8 @@ def tune_prompt_on_top(
     lr_at = cosine_with_warmup(plan.steps, 0, cfg.prompt_lr, cfg.prompt_lr)
     stepper = make_stepper(
         prompt_optimizer(cfg, len(classes)), theta0, generator, estimator=cfg.estimator_config(),
-        lr=cfg.prompt_lr, weight_decay=cfg.prompt_weight_decay, lr_at=lr_at, surrogate=cfg.surrogate_config(),
+        lr=cfg.prompt_lr, weight_decay=cfg.prompt_weight_decay, lr_at=lr_at,
+        surrogate=cfg.surrogate_config(),
     )  # fmt: skip
     best = PromptResult(
         None, None, 0.0, temperature, base_held.loss, base_held.accuracy, base_held.loss,

@@ -90,6 +90,10 @@ class SurrogateTrustRegion:
 
     def __init__(self, theta0: torch.Tensor, config: SurrogateConfig, generator: torch.Generator) -> None:
         self.dim = theta0.numel()
+        if config.directions > self.dim:
+            raise ValueError(
+                f"{config.directions} directions a step cannot be orthogonal in {self.dim} dimensions"
+            )
         self.config = config
         self.generator = generator
         self.mu = config.mu if config.mu is not None else default_mu(self.dim)

@@ -246,7 +246,7 @@ class Tuner:
             lr=cfg.prompt_lr,
             weight_decay=cfg.prompt_weight_decay,
             lr_at=cosine_with_warmup(plan.steps, plan.warmup_steps, cfg.prompt_lr, cfg.warmup_lr),
-            surrogate=cfg.surrogate_config(),
+            surrogate=cfg.surrogate_config() if cfg.optimizer == "surrogate" else None,
         )
         return Parts(theta0.clone(), stepper, adapter, adapter_opt)
 

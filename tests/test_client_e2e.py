@@ -238,15 +238,20 @@ def _checkpoint_step(out: Path) -> int:
         return -1
 
 
+@pytest.mark.parametrize(
+    "stepper", [[], ["--optimizer", "surrogate", "--directions", "4"]], ids=["estimator", "surrogate"]
+)
 def test_resume_after_a_kill_finishes_with_the_same_artifact(
-    tiny_server: ServerProcess, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    tiny_server: ServerProcess, tmp_path: Path, caplog: pytest.LogCaptureFixture, stepper: list[str]
 ) -> None:
     # The uninterrupted reference: its own key, cache and output folder (so its own run id).
     # Separate caches, both cold at the start: a run that starts with the features cached
     # plans more prompt steps, so sharing one cache would compare two different schedules.
     ref_key = new_key(tiny_server)
     ref_out = tmp_path / "reference"
-    assert cbbt([*tune_argv(tiny_server, ref_key, tmp_path / "ref-cache", ref_out), *RESUME_ARGS]) == 0
+    assert (
+        cbbt([*tune_argv(tiny_server, ref_key, tmp_path / "ref-cache", ref_out), *RESUME_ARGS, *stepper]) == 0
+    )
     reference = read_report(ref_out)
     assert reference["plan"]["scaled"] and reference["prompt_steps"] == 15
     assert_ledger_matches(reference, ledger(tiny_server, ref_key))
@@ -254,7 +259,14 @@ def test_resume_after_a_kill_finishes_with_the_same_artifact(
     # The same run in a subprocess, killed (no chance to checkpoint) a few steps in.
     key = new_key(tiny_server)
     out, cache = tmp_path / "killed", tmp_path / "cache"
-    argv = [sys.executable, "-m", "client.cli", *tune_argv(tiny_server, key, cache, out), *RESUME_ARGS]
+    argv = [
+        sys.executable,
+        "-m",
+        "client.cli",
+        *tune_argv(tiny_server, key, cache, out),
+        *RESUME_ARGS,
+        *stepper,
+    ]
     log = (tmp_path / "killed.log").open("wb")
     process = subprocess.Popen(argv, cwd=REPO_ROOT, env=_subprocess_env(), stdout=log, stderr=log)
     try:

@@ -173,3 +173,26 @@ def test_the_inner_solve_leaves_an_adapter_in_the_loss_without_gradients() -> No
     for i in range(3):
         theta = s.step(i, theta, oracle).theta
     assert adapter.weight.grad is None and adapter.bias.grad is None
+
+
+@pytest.mark.parametrize("preset", ["faithful", "fast", "surrogate"])
+def test_every_preset_builds_every_stepper(preset: str) -> None:
+    """A preset's surrogate settings are valid whatever its q (faithful's 256 exceeds the
+    default memory of 48): building any stepper from them never fails."""
+    from client.steppers import OPTIMIZERS
+    from client.tune_config import tune_config
+
+    cfg = tune_config(preset)
+    assert cfg.surrogate_config().memory >= cfg.directions
+    for name in OPTIMIZERS:
+        built = make_stepper(
+            name, torch.zeros(1, 384), torch.Generator().manual_seed(0), estimator=cfg.estimator_config(),
+            lr=cfg.prompt_lr, weight_decay=0.0, lr_at=lambda _: cfg.prompt_lr,
+            surrogate=cfg.surrogate_config(),
+        )  # fmt: skip
+        assert built.points_per_step >= 2
+
+
+def test_more_directions_than_dimensions_is_refused() -> None:
+    with pytest.raises(ValueError, match="directions"):
+        SurrogateTrustRegion(torch.zeros(3), SurrogateConfig(directions=4), torch.Generator())
