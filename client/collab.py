@@ -8,7 +8,7 @@ Spend first where an item buys the most, and stop when more items stop helping:
     select    k-fold cross-validation over every labelled image chooses the feature method
               (zero-shot, GDA, CLAP probe, linear probe) and its grid point, refitted on all
               of them (client/fewshot/select.py): free after the features;
-    prompt    a soft prompt tuned by cbbt's estimator ON TOP of that choice: its zero-shot
+    prompt    a soft prompt tuned by cbbt's surrogate ON TOP of that choice: its zero-shot
               logits are stacked on the chosen method's out-of-fold logits
               (client/fewshot/stack.py), so the prompt learns what the feature method gets
               wrong. It trains on (k-1)/k of the labelled images and stops when the held-out
@@ -72,7 +72,8 @@ ACCEPT_Z = 1.0  # the prompt must lower the held-out loss by at least one standa
 
 @dataclass(frozen=True)
 class CollabConfig:
-    """One collaborative run. Estimator settings are cbbt's `fast` preset (docs/benchmarks/default.md)."""
+    """One collaborative run. The prompt's probes are cbbt's `fast` preset's, stepped by the surrogate
+    (docs/benchmarks/default.md)."""
 
     shots: int = 16
     seed: int = 1
@@ -98,10 +99,10 @@ class CollabConfig:
     # "surrogate": a model of the text features fitted from each step's probes (client/
     # surrogate.py); "estimator": the scalar `fast` estimator + AdamW. With a class subset the
     # features of a step cover other classes than the last step's, so the estimator is used.
-    optimizer: str = "estimator"
+    optimizer: str = "surrogate"
     trust_radius: float = 0.1  # the surrogate's first trust radius, a fraction of |θ₀|
     max_trust_radius: float = 1.0
-    model_memory: int = 48  # the surrogate's Jacobian columns
+    model_memory: int = 24  # the surrogate's Jacobian columns
     directions: int = 4
     antithetic: bool = True
     orthogonal: bool = True

@@ -111,7 +111,7 @@ METHODS: dict[str, MethodSpec] = _specs(
     # The default: the most accuracy per item (docs/benchmarks/default.md, "The default cbbt").
     MethodSpec("cbbt", "collab", {}, _NEEDS_PROMPTS + "; on the embeddings tier, its feature stages only",
                "features -> the feature method chosen by k-fold CV (GDA, CLAP, probe, zero-shot on 80 "
-               "templates, or a mean of the top ones' calibrated logits) -> cbbt's estimator tunes a "
+               "templates, or a mean of the top ones' calibrated logits) -> cbbt's surrogate tunes a "
                "prompt on top, early stopping on held-out shots"),
     # CBBT's released recipe, unchanged (also `cbbt --estimator faithful`).
     MethodSpec("cbbt-paper", "tune", {"method": "cbbt", "estimator": "faithful"}, _NEEDS_PROMPTS,

@@ -48,7 +48,7 @@ class SurrogateConfig:
 
     directions: int = 4
     mu: float | None = None
-    memory: int = 48
+    memory: int = 24
     decay: float = 0.9
     radius: float = 0.1
     max_radius: float = 1.0

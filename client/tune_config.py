@@ -43,7 +43,7 @@ class TuneConfig:
     # The surrogate's trust region, as fractions of |θ₀|, and its Jacobian memory (columns).
     trust_radius: float = 0.1
     max_trust_radius: float = 1.0
-    model_memory: int = 48
+    model_memory: int = 24
     prompt_lr: float = 2e-3
     prompt_weight_decay: float = 5e-4
     warmup_lr: float = 1e-5
