@@ -25,12 +25,10 @@ from dataclasses import dataclass
 
 import torch
 
-from client.estimators import default_mu, evaluate
+from client.estimators import _WORK_DTYPE, default_mu, evaluate
 from client.oracle import TextLossOracle
 
 logger = logging.getLogger(__name__)
-
-_WORK_DTYPE = torch.float64
 
 
 @dataclass(frozen=True)
@@ -67,6 +65,14 @@ class SurrogateConfig:
             raise ValueError("need 0 < radius <= max_radius")
         if self.inner_iterations < 1:
             raise ValueError("inner_iterations must be ≥ 1")
+
+    @classmethod
+    def for_probes(
+        cls, directions: int, mu: float | None, *, memory: int, radius: float, max_radius: float
+    ) -> SurrogateConfig:
+        """The settings a tuner's flags ask for, the memory raised to hold one step's probes
+        however many directions a step draws (faithful's q = 256 exceeds the default 24)."""
+        return cls(directions, mu, max(memory, directions), radius=radius, max_radius=max_radius)
 
 
 @dataclass(frozen=True)

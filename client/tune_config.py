@@ -91,10 +91,9 @@ class TuneConfig:
         )
 
     def surrogate_config(self) -> SurrogateConfig:
-        return SurrogateConfig(
-            # The memory holds at least one step's probes, however many directions a step draws.
-            directions=self.directions, mu=self.mu, memory=max(self.model_memory, self.directions),
-            radius=self.trust_radius, max_radius=self.max_trust_radius,
+        return SurrogateConfig.for_probes(
+            self.directions, self.mu, memory=self.model_memory, radius=self.trust_radius,
+            max_radius=self.max_trust_radius,
         )  # fmt: skip
 
 
