@@ -26,6 +26,12 @@ if [[ -n "$extras" ]]; then
     compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null || apt_packages+=(postgresql)
     command -v ip >/dev/null || apt_packages+=(iproute2)
     command -v unshare >/dev/null || apt_packages+=(util-linux)
+    # benchmarks/make_image_sets.py's emoji set: optional (its drawing test skips without them),
+    # so installed only where we are root anyway
+    if [[ "$(id -u)" == "0" ]]; then
+        [[ -f /usr/share/unicode/emoji/emoji-test.txt ]] || apt_packages+=(unicode-data)
+        [[ -f /usr/share/fonts/truetype/noto/NotoColorEmoji.ttf ]] || apt_packages+=(fonts-noto-color-emoji)
+    fi
     if ((${#apt_packages[@]})); then
         if [[ "$(id -u)" != "0" ]] || ! command -v apt-get >/dev/null; then
             echo "setup: the tests need ${apt_packages[*]}: install them (as root), then rerun" >&2
