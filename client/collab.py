@@ -157,6 +157,8 @@ class CollabPlan:
     items_per_step: int
     steps: int
     budget: int | None
+    template_set: str = "openai80"  # the set the run buys (smaller than asked when the budget is)
+    template_set_asked: str = "openai80"
 
     @property
     def total_items(self) -> int:
@@ -164,7 +166,13 @@ class CollabPlan:
 
     def describe(self) -> str:
         lines = [
-            f"features: {self.feature_items} items; class texts (template set): {self.text_items} items",
+            f"features: {self.feature_items} items; class texts (template set {self.template_set}): "
+            f"{self.text_items} items"
+            + (
+                f" ({self.template_set_asked} would not fit the budget beside the features)"
+                if self.template_set != self.template_set_asked
+                else ""
+            ),
             f"prompt on top: {self.init_items} item (its token vectors), then at most {self.steps} steps x "
             f"{self.items_per_step} items (early stopping usually needs far fewer)"
             if self.steps
@@ -175,10 +183,34 @@ class CollabPlan:
         return "\n".join(lines)
 
 
+# Smaller general template sets, in the order a run falls back to when the budget cannot pay
+# for the asked set's C texts per template beside the image features (many classes, a tight
+# budget): a run with fewer templates beats a refusal, and at 16 shots the set hardly matters
+# (docs/benchmarks/default.md, "How much the template set buys").
+TEMPLATE_FALLBACKS: tuple[str, ...] = ("openai80", "simple7", "single")
+
+
+def affordable_template_set(asked: str, *, feature_items: int, classes: int, budget: int | None) -> str:
+    """`asked`, or the first smaller set after it in TEMPLATE_FALLBACKS that the budget can pay
+    for beside the image features (the last one when none fits: the plan then refuses)."""
+    chain = (
+        [asked, *TEMPLATE_FALLBACKS[TEMPLATE_FALLBACKS.index(asked) + 1 :]]
+        if asked in TEMPLATE_FALLBACKS
+        else [asked]
+    )
+    for name in chain:
+        if budget is None or feature_items + classes * len(template_set(name)) <= budget:
+            return name
+    return chain[-1]
+
+
 def make_collab_plan(
     cfg: CollabConfig, *, feature_items: int, classes: int, soft_prompts: bool
 ) -> CollabPlan:
-    text_items = classes * len(template_set(cfg.template_set))
+    templates = affordable_template_set(
+        cfg.template_set, feature_items=feature_items, classes=classes, budget=cfg.budget
+    )
+    text_items = classes * len(template_set(templates))
     fixed = check_features_and_texts(feature_items=feature_items, text_items=text_items, budget=cfg.budget)
     scored = min(classes, cfg.class_subset)
     per_step = points_per_step(prompt_optimizer(cfg, classes), 1, cfg.estimator_config()) * scored
@@ -190,7 +222,9 @@ def make_collab_plan(
         steps = min(steps, max(0, (cfg.budget - fixed - init_items) // per_step))
     if steps == 0:
         init_items = 0
-    return CollabPlan(feature_items, text_items, init_items, per_step, steps, cfg.budget)
+    return CollabPlan(
+        feature_items, text_items, init_items, per_step, steps, cfg.budget, templates, cfg.template_set
+    )
 
 
 @dataclass
@@ -293,7 +327,12 @@ def run_collaborative(ctx: RunContext, cfg: CollabConfig) -> RunReport:
 
     # Features: images, then the template set's class texts (the priors).
     data = ctx.fetch_features(cfg.views)
-    templates = template_set(cfg.template_set)
+    if plan.template_set != cfg.template_set:
+        logger.warning(
+            "template set %s (%d texts) instead of %s: the budget cannot pay for both it and the features",
+            plan.template_set, plan.text_items, cfg.template_set,
+        )  # fmt: skip
+    templates = template_set(plan.template_set)
     per_template = buy_template_texts(api, templates, classes)
     priors = {"ensemble": ensemble(per_template)}
     if SINGLE_TEMPLATE in templates:

@@ -222,12 +222,28 @@ def test_the_artifact_is_the_whole_classifier_and_eval_reproduces_the_test_accur
     assert evaluated["test_accuracy"] == pytest.approx(report["test_accuracy"], abs=1e-6)
 
 
-def test_a_budget_short_of_features_and_templates_is_refused_before_spending(
+def test_a_budget_short_of_features_and_one_template_is_refused_before_spending(
     tiny_server: ServerProcess, tmp_path: Path
 ) -> None:
     key = new_key(tiny_server)
-    assert _tune(tiny_server, key, tmp_path, "--budget", str(IMAGES + TEXTS - 1)) == 2
+    assert _tune(tiny_server, key, tmp_path, "--budget", str(IMAGES + 10 - 1)) == 2
     assert ledger(tiny_server, key).spent_items == 0
+
+
+@pytest.mark.parametrize(
+    ("budget", "bought"), [(IMAGES + 7 * 10, "simple7"), (IMAGES + 7 * 10 - 1, "single")]
+)
+def test_a_budget_short_of_the_80_templates_buys_the_largest_smaller_set_that_fits(
+    tiny_server: ServerProcess, tmp_path: Path, budget: int, bought: str
+) -> None:
+    key = new_key(tiny_server)
+    assert _tune(tiny_server, key, tmp_path, "--budget", str(budget)) == 0
+    report = read_report(tmp_path / "run")
+    templates = {"simple7": 7, "single": 1}[bought]
+    assert report["plan"]["template_set"] == bought and report["plan"]["template_set_asked"] == "openai80"
+    assert report["queries"]["items"] == IMAGES + templates * 10 <= budget  # no room left for a step
+    assert report["prompt_steps"] == 0 and report["test_accuracy"] is not None
+    assert_ledger_matches(report, ledger(tiny_server, key))
 
 
 def test_a_budget_for_the_features_only_skips_the_prompt(tiny_server: ServerProcess, tmp_path: Path) -> None:
