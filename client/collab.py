@@ -157,8 +157,8 @@ class CollabPlan:
     items_per_step: int
     steps: int
     budget: int | None
-    template_set: str = "openai80"  # the set the run buys (smaller than asked when the budget is)
-    template_set_asked: str = "openai80"
+    template_set: str  # the set the run buys: the asked one, or a smaller one the budget can pay
+    template_set_asked: str
 
     @property
     def total_items(self) -> int:
@@ -186,18 +186,14 @@ class CollabPlan:
 # Smaller general template sets, in the order a run falls back to when the budget cannot pay
 # for the asked set's C texts per template beside the image features (many classes, a tight
 # budget): a run with fewer templates beats a refusal, and at 16 shots the set hardly matters
-# (docs/benchmarks/default.md, "How much the template set buys").
+# (docs/benchmarks/default.md, "What the template set buys").
 TEMPLATE_FALLBACKS: tuple[str, ...] = ("openai80", "simple7", "single")
 
 
 def affordable_template_set(asked: str, *, feature_items: int, classes: int, budget: int | None) -> str:
     """`asked`, or the first smaller set after it in TEMPLATE_FALLBACKS that the budget can pay
     for beside the image features (the last one when none fits: the plan then refuses)."""
-    chain = (
-        [asked, *TEMPLATE_FALLBACKS[TEMPLATE_FALLBACKS.index(asked) + 1 :]]
-        if asked in TEMPLATE_FALLBACKS
-        else [asked]
-    )
+    chain = TEMPLATE_FALLBACKS[TEMPLATE_FALLBACKS.index(asked) :] if asked in TEMPLATE_FALLBACKS else (asked,)
     for name in chain:
         if budget is None or feature_items + classes * len(template_set(name)) <= budget:
             return name

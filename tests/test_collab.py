@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from client.adapters import LinearHead, TipAdapter, clip_logits
 from client.cli import main as cbbt
-from client.collab import PromptResult, final_head, held_out_gain_z
+from client.collab import PromptResult, affordable_template_set, final_head, held_out_gain_z
 from client.data import load_dataset
 from client.fewshot.methods import default_methods
 from client.fewshot.select import Selection, calibrate, cross_validate, ensemble_of, refit
@@ -124,6 +124,17 @@ def test_an_ensemble_across_feature_spaces_with_a_prompt_is_saved_as_one_exact_h
     for bad in (1.0, 0.0, 1.5, -0.5):  # β = 1 is `weight`; others are not a power space
         with pytest.raises(ValueError):
             LinearHead(head.weight, head.bias, {bad: head.weight})
+
+
+def test_the_template_set_falls_back_along_the_chain_only_as_far_as_the_budget_needs() -> None:
+    def bought(asked: str, budget: int | None) -> str:
+        return affordable_template_set(asked, feature_items=100, classes=10, budget=budget)
+
+    assert bought("openai80", None) == bought("openai80", 100 + 800) == "openai80"
+    assert bought("openai80", 100 + 799) == bought("openai80", 100 + 70) == "simple7"
+    assert bought("openai80", 100 + 69) == bought("simple7", 100 + 69) == "single"
+    assert bought("single", 100 + 9) == "single"  # nothing fits: the plan refuses it (below)
+    assert bought("simple7", 10_000) == "simple7"  # never a larger set than asked
 
 
 # -- whole runs -----------------------------------------------------------------------------------
