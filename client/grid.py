@@ -24,7 +24,7 @@ from client.api import CbbtClient
 from client.data import Dataset, FewShotSplit, few_shot_split, load_dataset
 from client.errors import CbbtError, RequestError
 from client.features import FeatureCache, FeatureStore
-from client.methods import DEFAULT_METHODS, METHODS, MethodSpec, check_settings, method
+from client.methods import DEFAULT_METHODS, METHODS, MethodSpec, check_settings, method, runs_paper_recipe
 from client.plots import plot_items, plot_shots
 from client.progress import Progress
 from client.report import json_safe
@@ -63,6 +63,14 @@ class BenchConfig:
     @property
     def data_spec(self) -> DataSpec:
         return DataSpec(self.data, self.data_dir, self.test_per_class)
+
+
+def views_for(spec: MethodSpec, cfg: BenchConfig) -> int:
+    """The views a method's runs use: its own where it pins them (the default `cbbt` and the CV'd
+    feature methods run at one view, as `cbbt tune` does), else the bench's `--views`."""
+    if runs_paper_recipe(spec, cfg.tune_flags):  # `cbbt --estimator faithful` runs cbbt-paper
+        spec = METHODS["cbbt-paper"]
+    return int(spec.settings.get("views", cfg.tune_flags.get("views", cfg.views)))
 
 
 @dataclass(frozen=True)
@@ -154,7 +162,7 @@ class Bench:
 
     # -- one run ------------------------------------------------------------------------------
     def _views(self, spec: MethodSpec) -> int:
-        return int(spec.settings.get("views", self.cfg.tune_flags.get("views", self.cfg.views)))
+        return views_for(spec, self.cfg)
 
     def _run_one(
         self, spec: MethodSpec, split: FewShotSplit, folder: RunFolder, progress: Progress

@@ -109,7 +109,9 @@ METHODS: dict[str, MethodSpec] = _specs(
     MethodSpec("adapter", "tune", {"method": "adapter"}, _NEEDS_ONE_PROMPT,
                "CLIP-Adapter residual MLP alone on the 'a {class}.' text features"),
     # The default: the most accuracy per item (docs/benchmarks/default.md, "The default cbbt").
-    MethodSpec("cbbt", "collab", {}, _NEEDS_PROMPTS + "; on the embeddings tier, its feature stages only",
+    # One view, as in `cbbt tune` (CollabConfig.views): a bench's --views is for the tuners.
+    MethodSpec("cbbt", "collab", {"views": 1},
+               _NEEDS_PROMPTS + "; on the embeddings tier, its feature stages only",
                "features -> the feature method chosen by k-fold CV (GDA, CLAP, probe, zero-shot on 80 "
                "templates, or a mean of the top ones' calibrated logits) -> cbbt's surrogate tunes a "
                "prompt on top, early stopping on held-out shots"),

@@ -114,7 +114,7 @@ def test_define_adds_a_tuner_variant() -> None:
         with pytest.raises(RequestError, match="unknown TuneConfig fields"):
             register_method("bad", based_on="cbbt-paper", no_such_field=1)
         collab = register_method("cbbt-test-collab", based_on="cbbt", patience=3)
-        assert collab.kind == "collab" and collab.settings == {"patience": 3}
+        assert collab.kind == "collab" and collab.settings == {"views": 1, "patience": 3}
         with pytest.raises(RequestError, match="unknown CollabConfig fields"):
             register_method("bad", based_on="cbbt", adapter_epochs=3)
         from client.collab import collab_config

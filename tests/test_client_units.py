@@ -572,3 +572,19 @@ def test_the_cli_reports_bad_input_in_one_line_and_exits_2(tmp_path: Path) -> No
     assert main(["tune", "--data", f"coop:{tmp_path}/missing.json:{tmp_path}", "--out", str(tmp_path)]) == 2
     assert main(["eval", "--artifact", str(tmp_path / "missing"), "--data", "digits"]) == 2
     assert not (tmp_path / "run").exists()  # refused before any output (or query)
+
+
+def test_a_bench_runs_the_default_and_the_cv_methods_at_one_view_and_the_tuners_at_its_views() -> None:
+    """`cbbt bench --views 2 --methods cbbt` measures the default as `cbbt tune` runs it."""
+    from dataclasses import replace
+
+    from client.grid import BenchConfig, views_for
+    from client.methods import method
+
+    bench = BenchConfig(data="digits", out=Path("unused"), views=2)
+    assert [views_for(method(m), bench) for m in ("cbbt", "fewshot-cv", "gda", "clap")] == [1, 1, 1, 1]
+    assert views_for(method("cbbt-paper"), bench) == views_for(method("cbbt-fast"), bench) == 2
+    faithful = BenchConfig(data="digits", out=Path("unused"), views=2, tune_flags={"estimator": "faithful"})
+    assert views_for(method("cbbt"), faithful) == 2  # `cbbt --estimator faithful` is cbbt-paper, at 2
+    four = replace(method("cbbt"), name="cbbt-v4", settings={**method("cbbt").settings, "views": 4})
+    assert views_for(four, bench) == 4  # what `--define cbbt-v4=cbbt:views=4` builds
