@@ -21,7 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -129,7 +129,7 @@ def repeated_cv(blob: dict[str, Any], shots: int, seed: int) -> dict[str, float]
     methods = linear_methods()
     cvs = [cross_validate(labelled, priors, scale, list(methods.values()), seed=s) for s in FOLD_SEEDS]
 
-    def scored(choice: Choice, priors: Mapping[str, torch.Tensor] = priors) -> float:
+    def scored(choice: Choice) -> float:
         return test_accuracy(refit(choice, labelled, priors, scale, methods), blob)
 
     return {

@@ -153,10 +153,7 @@ def assert_envelope(response: Any) -> None:
 # -- 1. schemathesis: every route, positive and negative data ---------------------------------
 @pytest.mark.parametrize(("operation", "mode"), CASES, ids=[f"{op.label} {mode.value}" for op, mode in CASES])
 def test_fuzz_every_route(api: Api, admin_api: Api, operation: Any, mode: GenerationMode) -> None:
-    if operation.path.startswith("/admin"):
-        api, token = admin_api, ADMIN_TOKEN
-    else:
-        token = api.key
+    target, token = (admin_api, ADMIN_TOKEN) if operation.path.startswith("/admin") else (api, api.key)
 
     @settings(
         max_examples=EXAMPLES,
@@ -181,7 +178,7 @@ def test_fuzz_every_route(api: Api, admin_api: Api, operation: Any, mode: Genera
             body["content"] = data if isinstance(data, bytes | str) else json.dumps(data)
         if kwargs.get("cookies"):
             headers["Cookie"] = "; ".join(f"{k}={v}" for k, v in kwargs["cookies"].items())
-        response = api.client.request(
+        response = target.client.request(
             kwargs["method"], kwargs["url"], params=kwargs.get("params"), headers=headers, **body
         )
         FUZZED[f"{operation.label} {mode.value} {response.status_code}"] += 1
